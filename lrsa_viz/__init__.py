@@ -1,0 +1,15 @@
+"""lrsa-viz: learn, see and use Lag-Relative Sparse Attention (LRSA) and LagKV KV-cache compression."""
+from .attention import SUPPORTED_MODEL_TYPES, disable_lrsa, enable_lrsa, lrsa, lrsa_attention_forward, lrsa_config_of
+from .cache import LagKVCache, LagKVLayer
+from .config import LagConfig
+from .mask import lrsa_visibility, partition_index, visibility_from_keep
+from .models import load_model, tiny_model
+from .prefill import chunked_prefill, compressed_generate, prefill_chunks
+from .scoring import keep_mask, lagkv_keep_indices, lagkv_scores
+
+__all__ = [
+    "LagConfig", "lagkv_scores", "lagkv_keep_indices", "keep_mask", "lrsa_visibility", "visibility_from_keep",
+    "partition_index", "enable_lrsa", "disable_lrsa", "lrsa", "lrsa_config_of", "lrsa_attention_forward",
+    "SUPPORTED_MODEL_TYPES", "LagKVCache", "LagKVLayer", "chunked_prefill", "compressed_generate", "prefill_chunks", "load_model",
+    "tiny_model",
+]

@@ -1,0 +1,137 @@
+"""LRSA inside a transformers model, through its attention and mask interfaces (no copied model code).
+
+`enable_lrsa(model, config)` registers the attention implementation ``"lrsa"``: every attention layer computes
+LagKV selections from its own post-RoPE K/V (no gradient) and attends with the LRSA mask of METHOD.md §3.
+`disable_lrsa` restores the previous implementation; `lrsa(model, config)` does both as a context manager.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+from .config import LagConfig
+from .mask import visibility_from_keep
+from .scoring import keep_mask
+
+LRSA_IMPLEMENTATION = "lrsa"
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+_CONFIG_ATTR = "lrsa"  # model.config.lrsa: the LagConfig as a dict (saved with the model's config)
+_PREVIOUS_ATTR = "lrsa_previous_attn_implementation"
+
+
+def check_right_padding(attention_mask: torch.Tensor | None) -> None:
+    """Raise ValueError if a 2D padding mask [B, N] is not right-padded (LRSA partitions count from position 0)."""
+    if attention_mask is None or attention_mask.ndim != 2:
+        return
+    m = attention_mask.to(torch.int8)
+    if bool((m[:, 1:] > m[:, :-1]).any()):
+        raise ValueError(
+            "attention_mask: LRSA partitions are counted from the first position, so padded batches must be "
+            "right-padded (tokenizer.padding_side = 'right'); got a mask with padding before real tokens"
+        )
+
+
+def lrsa_mask_interface(*args, attention_mask: torch.Tensor | None = None, **kwargs):
+    """The causal + padding mask of transformers' SDPA path, after checking that padding is on the right."""
+    check_right_padding(attention_mask)
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+def lrsa_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Attention with the LRSA mask.
+
+    Args:
+        query: [B, H_q, Q, d]; key, value: [B, H_kv, N, d] post-RoPE, all N tokens so far (Q <= N).
+        attention_mask: None or the bool [B, 1, Q, N] causal/padding mask from `lrsa_mask_interface`.
+    Returns:
+        ([B, Q, H_q, d], None), like transformers' SDPA attention.
+    If the keys are fewer than the query positions imply, they come from a compressing `LagKVCache`, which
+    has already applied the LRSA selection: plain attention over them is the LRSA result.
+    """
+    config = LagConfig.from_dict(getattr(module.config, _CONFIG_ATTR))
+    q_len, kv_len = query.shape[2], key.shape[2]
+    position_ids = kwargs.get("position_ids")
+    if position_ids is not None and int(position_ids[..., -1].max()) + 1 > kv_len:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    with torch.no_grad():
+        kept = keep_mask(key.detach(), value.detach(), config)  # [B, H_kv, N]
+        q_pos = torch.arange(kv_len - q_len, kv_len, device=key.device)
+        visible = visibility_from_keep(kept, config, q_pos)  # [B, H_kv, Q, N]
+        visible = visible.repeat_interleave(query.shape[1] // key.shape[1], dim=1)  # GQA: a group shares its KV head
+        if attention_mask is not None:
+            visible = visible & attention_mask.bool()
+    return sdpa_attention_forward(
+        module, query, key, value, visible, dropout=dropout, scaling=scaling, is_causal=False, **kwargs
+    )
+
+
+AttentionInterface.register(LRSA_IMPLEMENTATION, lrsa_attention_forward)
+AttentionMaskInterface.register(LRSA_IMPLEMENTATION, lrsa_mask_interface)
+
+
+def check_supported(model: PreTrainedModel) -> None:
+    """Raise ValueError unless ``model`` is a Llama-family causal LM that LRSA supports."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"model: LRSA supports the model families {', '.join(SUPPORTED_MODEL_TYPES)} "
+            f"(Llama, SmolLM2, Mistral, Qwen2); got model_type={model_type!r}"
+        )
+
+
+def enable_lrsa(model: PreTrainedModel, config: LagConfig | None = None) -> PreTrainedModel:
+    """Make every attention layer of ``model`` use LRSA with ``config`` (default LagConfig()). Returns the model."""
+    check_supported(model)
+    config = config or LagConfig()
+    if not isinstance(config, LagConfig):
+        raise ValueError(f"config must be a LagConfig, got {type(config).__name__}")
+    if model.config._attn_implementation != LRSA_IMPLEMENTATION:
+        setattr(model.config, _PREVIOUS_ATTR, model.config._attn_implementation or "sdpa")
+    setattr(model.config, _CONFIG_ATTR, config.to_dict())
+    model.set_attn_implementation(LRSA_IMPLEMENTATION)
+    return model
+
+
+def disable_lrsa(model: PreTrainedModel) -> PreTrainedModel:
+    """Undo `enable_lrsa`: restore the attention implementation the model had before."""
+    if model.config._attn_implementation == LRSA_IMPLEMENTATION:
+        model.set_attn_implementation(getattr(model.config, _PREVIOUS_ATTR, "sdpa"))
+    for attr in (_CONFIG_ATTR, _PREVIOUS_ATTR):
+        if hasattr(model.config, attr):
+            delattr(model.config, attr)
+    return model
+
+
+def lrsa_config_of(model: PreTrainedModel) -> LagConfig | None:
+    """The LagConfig the model runs with, or None when LRSA is off."""
+    if model.config._attn_implementation != LRSA_IMPLEMENTATION:
+        return None
+    return LagConfig.from_dict(getattr(model.config, _CONFIG_ATTR))
+
+
+@contextlib.contextmanager
+def lrsa(model: PreTrainedModel, config: LagConfig | None = None) -> Iterator[PreTrainedModel]:
+    """``with lrsa(model, cfg): ...`` runs the block with LRSA on and restores the previous state after."""
+    previous = lrsa_config_of(model)
+    enable_lrsa(model, config)
+    try:
+        yield model
+    finally:
+        if previous is None:
+            disable_lrsa(model)
+        else:
+            enable_lrsa(model, previous)

@@ -1,0 +1,28 @@
+"""Shared fixtures: the tiny random model and (session-scoped, converted once) the default SmolLM2 model."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lrsa_viz import load_model, tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    return tiny_model(seed=0)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the default offline SmolLM2-135M-Instruct, float32 on CPU."""
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    return load_model(device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def passage() -> str:
+    return (ROOT / "data" / "passages" / "kv_cache_notes.txt").read_text()
