@@ -15,7 +15,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .config import LagConfig
-from .scoring import lagkv_scores, select_top_k
+from .policies import Policy, make_policy
 
 Mode = Literal["recursive", "one_shot"]
 
@@ -25,10 +25,11 @@ class LagKVLayer(DynamicLayer):
 
     is_croppable = False
 
-    def __init__(self, config: LagConfig, mode: Mode = "recursive"):
+    def __init__(self, config: LagConfig, mode: Mode = "recursive", policy: str | Policy | None = None):
         super().__init__()
         self.lag_config = config
         self.mode = mode
+        self.policy = make_policy(policy)
         self.seen = 0  # tokens appended so far
         self.tail_start = 0  # absolute position of the first uncompressed (not yet final) token
         self.final = 0  # stored tokens before the tail: sink + selections
@@ -65,14 +66,7 @@ class LagKVLayer(DynamicLayer):
         n_scored = n_parts - 1
         if n_scored < 1:
             return
-        lo, hi = self.final, self.final + n_scored * lag
-        span = slice(lo, hi + lag)
-        # score partitions [lo, hi) against their successors; sink already removed, so sink_size = 0 here
-        scores = lagkv_scores(self.keys[:, :, span], self.values[:, :, span], _no_sink(cfg))  # [B, H, n_scored, L]
-        offsets = select_top_k(scores, cfg.top_k)
-        idx = (offsets + lag * torch.arange(n_scored, device=offsets.device)[:, None]).flatten(2) + lo
-        keep = torch.cat([torch.arange(lo, device=idx.device).expand(*idx.shape[:2], lo), idx,
-                          torch.arange(hi, self.keys.shape[-2], device=idx.device).expand(*idx.shape[:2], -1)], dim=-1)
+        keep = self.policy.keep(self.keys, self.values, self.final, n_scored, cfg)  # [B, H, kept]
         gather = keep[..., None].expand(-1, -1, -1, self.keys.shape[-1])
         self.keys = self.keys.gather(2, gather)
         self.values = self.values.gather(2, gather)
@@ -110,11 +104,7 @@ class LagKVLayer(DynamicLayer):
         raise NotImplementedError("LagKVCache cannot be cropped: evicted tokens cannot come back")
 
     def reset(self) -> None:
-        self.__init__(self.lag_config, self.mode)
-
-
-def _no_sink(cfg: LagConfig) -> LagConfig:
-    return LagConfig(sink_size=0, lag_size=cfg.lag_size, ratio=cfg.ratio, score_v_ratio=cfg.score_v_ratio)
+        self.__init__(self.lag_config, self.mode, self.policy)
 
 
 class LagKVCache(Cache):
@@ -124,16 +114,19 @@ class LagKVCache(Cache):
         config: the LagConfig.
         mode: ``"recursive"`` compresses after every update (chunked prefill, decode); ``"one_shot"`` compresses
             the first update (the prefill) once and appends later tokens uncompressed (kvpress behaviour).
+        policy: which tokens to keep: ``"lagkv"`` (default), or the same-budget baselines ``"streaming"``
+            (StreamingLLM: sink + most recent) and ``"random"``; or a `Policy` instance.
     Use it like any transformers cache: ``model(ids, past_key_values=LagKVCache(cfg))`` or
     ``model.generate(ids, past_key_values=LagKVCache(cfg))``.
     """
 
-    def __init__(self, config: LagConfig | None = None, mode: Mode = "recursive"):
+    def __init__(self, config: LagConfig | None = None, mode: Mode = "recursive", policy: str | Policy | None = None):
         if mode not in ("recursive", "one_shot"):
             raise ValueError(f"mode must be 'recursive' or 'one_shot', got {mode!r}")
         self.lag_config = config or LagConfig()
         self.mode = mode
-        super().__init__(layer_class_to_replicate=partial(LagKVLayer, self.lag_config, mode))
+        self.policy = make_policy(policy)  # one instance shared by all layers (a seeded RandomPolicy stays reproducible)
+        super().__init__(layer_class_to_replicate=partial(LagKVLayer, self.lag_config, mode, self.policy))
 
     def stored_lengths(self) -> list[int]:
         """Tokens stored per layer (what occupies memory), as opposed to `get_seq_length` (tokens seen)."""
@@ -143,7 +136,29 @@ class LagKVCache(Cache):
         """Original positions of the stored tokens of one layer: LongTensor [B, H_kv, stored]."""
         return self.layers[layer_idx].positions
 
+    def kept_position_mask(self, seq_len: int | None = None) -> torch.Tensor:
+        """[layers, B, H_kv, seen] bool: which original positions each layer/head still stores."""
+        seen = seq_len or self.get_seq_length()
+        out = []
+        for layer in self.layers:
+            m = torch.zeros(*layer.positions.shape[:2], seen, dtype=torch.bool, device=layer.positions.device)
+            out.append(m.scatter_(-1, layer.positions, True))
+        return torch.stack(out)
+
     def nbytes(self) -> int:
         """Bytes held by the stored keys and values of all layers."""
         return sum(t.numel() * t.element_size() for layer in self.layers if layer.is_initialized
                    for t in (layer.keys, layer.values))
+
+
+@torch.no_grad()
+def compress_once(
+    keys: torch.Tensor, values: torch.Tensor, config: LagConfig, policy: str | Policy | None = None
+) -> torch.Tensor:
+    """Positions a policy keeps when all of [B, H_kv, N, d] keys/values are compressed at once (one-shot).
+
+    For the LagKV policy this equals `lagkv_keep_indices`. Returns LongTensor [B, H_kv, config.retained_length(N)].
+    """
+    layer = LagKVLayer(config, mode="one_shot", policy=policy)
+    layer.update(keys, values)
+    return layer.positions

@@ -7,6 +7,7 @@ from transformers import PreTrainedModel
 
 from .cache import LagKVCache
 from .config import LagConfig
+from .policies import Policy
 
 
 def prefill_chunks(seq_len: int, config: LagConfig) -> list[tuple[int, int]]:
@@ -24,8 +25,9 @@ def chunked_prefill(
     config: LagConfig,
     attention_mask: torch.Tensor | None = None,
     progress: bool = False,
+    policy: str | Policy | None = None,
 ) -> tuple[torch.Tensor, LagKVCache]:
-    """Feed ``input_ids`` [B, N] chunk by chunk through a recursive `LagKVCache`.
+    """Feed ``input_ids`` [B, N] chunk by chunk through a recursive `LagKVCache` (``policy`` default: LagKV).
 
     Returns:
         (logits [B, N, V] of every position, the cache after the last chunk).
@@ -35,7 +37,7 @@ def chunked_prefill(
         raise ValueError(f"input_ids must be [B, N] with N >= 1, got shape {tuple(input_ids.shape)}")
     if attention_mask is not None and not bool(attention_mask.bool().all()):
         raise ValueError("attention_mask: chunked_prefill does not support padded batches; run rows separately")
-    cache = LagKVCache(config, mode="recursive")
+    cache = LagKVCache(config, mode="recursive", policy=policy)
     logits = []
     for start, end in tqdm(prefill_chunks(input_ids.shape[1], config), desc="chunked prefill", disable=not progress):
         out = model(input_ids=input_ids[:, start:end], past_key_values=cache, use_cache=True)
@@ -45,7 +47,12 @@ def chunked_prefill(
 
 @torch.no_grad()
 def compressed_generate(
-    model: PreTrainedModel, input_ids: torch.Tensor, config: LagConfig, progress: bool = False, **generate_kwargs
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    config: LagConfig,
+    progress: bool = False,
+    policy: str | Policy | None = None,
+    **generate_kwargs,
 ) -> torch.Tensor:
     """Greedy/sampled generation with the LRSA pattern end to end, without the LRSA mask.
 
@@ -56,7 +63,7 @@ def compressed_generate(
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be [B, N] with N >= 1, got shape {tuple(input_ids.shape)}")
     if input_ids.shape[1] > 1:
-        _, cache = chunked_prefill(model, input_ids[:, :-1], config, progress=progress)
+        _, cache = chunked_prefill(model, input_ids[:, :-1], config, progress=progress, policy=policy)
     else:
-        cache = LagKVCache(config, mode="recursive")
+        cache = LagKVCache(config, mode="recursive", policy=policy)
     return model.generate(input_ids, past_key_values=cache, **generate_kwargs)
