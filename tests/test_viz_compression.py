@@ -1,0 +1,85 @@
+"""Compression curve: a real LagKVCache's stored tokens and bytes against METHOD eq. 12, and the figure's data."""
+import pytest
+import torch
+
+from lrsa_viz import LagConfig, chunked_prefill
+from lrsa_viz.viz import compression_curve_figure, kv_bytes_per_token, measure_cache_growth, measure_model_cache_growth
+from lrsa_viz.viz.compression import MIB
+
+CFG = LagConfig(3, 8, 0.25)
+
+
+def random_kv(layers=3, heads=2, n=100, d=8):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(layers, heads, n, d, generator=g), torch.randn(layers, heads, n, d, generator=g)
+
+
+@pytest.mark.parametrize("policy", ["lagkv", "streaming", "random"])
+@pytest.mark.parametrize("step", [None, 1, 7])
+def test_measured_cache_follows_eq12(policy, step):
+    k, v = random_kv()
+    g = measure_cache_growth(k, v, CFG, policy=policy, step=step)
+    assert g.policy == policy and g.seen[-1] == 100
+    assert g.stored == g.theory() == [CFG.retained_length(n) for n in g.seen]
+    assert g.bytes_per_token == kv_bytes_per_token(3, 2, 8, torch.float32) == 2 * 3 * 2 * 8 * 4
+    assert g.nbytes == [s * g.bytes_per_token for s in g.stored]
+    assert g.stored[-1] < 100, "the cache really compressed"
+
+
+def test_measure_in_bf16_halves_the_bytes():
+    k, v = random_kv()
+    full, half = measure_cache_growth(k, v, CFG), measure_cache_growth(k, v, CFG, dtype=torch.bfloat16)
+    assert half.stored == full.stored and [2 * b for b in half.nbytes] == full.nbytes
+
+
+def test_model_growth_matches_chunked_prefill(tiny):
+    ids = torch.randint(0, 256, (1, 90), generator=torch.Generator().manual_seed(1))
+    g = measure_model_cache_growth(tiny, ids, CFG)
+    _, cache = chunked_prefill(tiny, ids, CFG)
+    assert g.seen == [19, 27, 35, 43, 51, 59, 67, 75, 83, 90]
+    assert g.stored == g.theory() and g.stored[-1] == max(cache.stored_lengths())
+    assert g.nbytes[-1] == cache.nbytes()
+    assert g.bytes_per_token == 2 * 2 * 2 * 16 * 4  # tiny: 2 layers, 2 KV heads, d = 16, float32
+
+
+def test_curve_figure_data():
+    k, v = random_kv()
+    configs = [CFG, LagConfig(3, 8, 0.5)]
+    measured = [measure_cache_growth(k, v, c) for c in configs]
+    per_token = measured[0].bytes_per_token
+    fig = compression_curve_figure(configs, 100, per_token, measured)
+    kinds = [t.meta["kind"] for t in fig.data]
+    assert kinds == ["theory"] * 4 + ["dense"] * 2 + ["measured"] * 4
+    theory_tokens = fig.data[0]
+    assert list(theory_tokens.x) == list(range(101))
+    assert list(theory_tokens.y) == [CFG.retained_length(n) for n in range(101)]
+    assert list(fig.data[2].y) == [LagConfig(3, 8, 0.5).retained_length(n) for n in range(101)]
+    assert fig.data[1].y[100] == pytest.approx(CFG.retained_length(100) * per_token / MIB)
+    assert list(fig.data[4].y) == list(range(101))
+    assert list(fig.data[6].y) == measured[0].stored and list(fig.data[7].y) == [b / MIB for b in measured[0].nbytes]
+    # measured points lie on the theory curve
+    assert all(theory_tokens.y[x] == y for x, y in zip(fig.data[6].x, fig.data[6].y))
+
+
+def test_curve_figure_samples_long_axes():
+    fig = compression_curve_figure([LagConfig()], 100_000, 46_080, max_points=1000)
+    assert len(fig.data[0].x) <= 1001 and fig.data[0].x[-1] == 100_000
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(max_length=0), "max_length"), (dict(max_length=10, bytes_per_token=0), "bytes_per_token"),
+])
+def test_curve_figure_validates(kwargs, match):
+    args = dict(configs=[CFG], max_length=10, bytes_per_token=8) | kwargs
+    with pytest.raises(ValueError, match=match):
+        compression_curve_figure(**args)
+
+
+def test_measure_validates():
+    k, v = random_kv()
+    with pytest.raises(ValueError, match="step"):
+        measure_cache_growth(k, v, CFG, step=0)
+    with pytest.raises(ValueError, match="n_layers, H_kv, N, d"):
+        measure_cache_growth(k[0], v[0], CFG)
+    with pytest.raises(ValueError, match="input_ids"):
+        measure_model_cache_growth(None, torch.zeros(2, 5, dtype=torch.long), CFG)
