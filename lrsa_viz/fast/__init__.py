@@ -1,0 +1,9 @@
+"""Fast LRSA for training and inference on CUDA: compact K/V layout + one FlexAttention call, no N x N mask."""
+from .kernel import compiled_flex_attention, fast_lrsa_attention
+from .layout import DEFAULT_BLOCK_SIZE, LrsaLayout, block_classes, buffer_positions, layout_kv, lrsa_block_mask
+from .selection import compact_positions, compiled_compact_positions
+
+__all__ = [
+    "fast_lrsa_attention", "compiled_flex_attention", "LrsaLayout", "DEFAULT_BLOCK_SIZE", "block_classes",
+    "buffer_positions", "layout_kv", "lrsa_block_mask", "compact_positions", "compiled_compact_positions",
+]

@@ -1,0 +1,54 @@
+"""Cost model of dense causal attention and LRSA: visible (query, key) pairs, FLOPs, tiles and KV-cache bytes."""
+from __future__ import annotations
+
+import torch
+
+from ..config import LagConfig
+from .layout import DEFAULT_BLOCK_SIZE, LrsaLayout, block_classes, visible_bounds
+
+#: Matrix products per attention call: forward QK^T and PV; backward recomputes QK^T, then dV, dP, dQ, dK.
+FORWARD_MATMULS, BACKWARD_MATMULS = 2, 5
+
+
+def dense_causal_pairs(seq_len: int) -> int:
+    """(query, key) pairs of causal attention over ``seq_len`` tokens: N (N + 1) / 2."""
+    return seq_len * (seq_len + 1) // 2
+
+
+def lrsa_visible_pairs(seq_len: int, config: LagConfig) -> int:
+    """Exact number of (query, key) pairs the LRSA mask shows (per head), in O(N) work without any mask.
+
+    Equals ``lrsa_visibility(...)[b, h].sum()`` for any keys (the count does not depend on which tokens are kept).
+    """
+    if config.num_partitions(seq_len) < 2 or config.top_k == config.lag_size:
+        return dense_causal_pairs(seq_len)
+    layout = LrsaLayout.of(seq_len, config)
+    q = torch.arange(seq_len, dtype=torch.int64)
+    a, lo, hi = visible_bounds(q, layout.params().long())
+    return int(a.sum() + (hi - lo + 1).clamp(min=0).sum())
+
+
+def attention_flops(pairs: int, heads: int, head_dim: int, backward: bool = False) -> float:
+    """FLOPs of attention over ``pairs`` visible pairs per head: 2 d per pair per matrix product (multiply + add).
+
+    Forward: 2 products; forward + backward: 2 + 5 (``backward=True``).
+    """
+    products = FORWARD_MATMULS + (BACKWARD_MATMULS if backward else 0)
+    return 2.0 * head_dim * pairs * heads * products
+
+
+def lrsa_tiles(seq_len: int, config: LagConfig, block_size: int = DEFAULT_BLOCK_SIZE) -> dict:
+    """Tiles of the fast kernel: {"partial", "full", "dense_causal"} counts of BLOCK x BLOCK tiles computed."""
+    n_q = -(-seq_len // block_size)
+    dense = n_q * (n_q + 1) // 2
+    if config.num_partitions(seq_len) < 2 or config.top_k == config.lag_size:
+        return {"partial": n_q, "full": dense - n_q, "dense_causal": dense}
+    partial, full = block_classes(LrsaLayout.of(seq_len, config, block_size))
+    return {"partial": int(partial.sum()), "full": int(full.sum()), "dense_causal": dense}
+
+
+def kv_cache_bytes(seq_len: int, layers: int, kv_heads: int, head_dim: int, bytes_per_value: int = 2,
+                   config: LagConfig | None = None) -> int:
+    """Bytes of K and V stored after ``seq_len`` tokens: all of them (``config`` None) or LagKV's retained length."""
+    stored = seq_len if config is None else config.retained_length(seq_len)
+    return 2 * layers * kv_heads * head_dim * stored * bytes_per_value

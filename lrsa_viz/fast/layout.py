@@ -1,0 +1,213 @@
+"""The compact key/value layout of fast LRSA and its static block mask.
+
+Fast LRSA never builds the N x N mask. For N tokens and a `LagConfig` (S sink, L lag, k = int(r L) kept per scored
+partition, P = (N - S) // L full partitions) every layer attends over ONE key/value buffer per KV head::
+
+    index:  0 ........ S ....................... C ...... C_pad ..................................... kv_len
+            [  sink   | selections of partitions | zero    | tokens S .. N-1, in order (the full K/V)  | zero ]
+            [ (S)     | 0 .. P-2, k each         | padding |                                           | pad  ]
+            <------ compact region, C = S + (P-1) k ----->  <-------------- full region ------------------->
+
+The compact region is gathered per batch element and KV head (each head keeps its own tokens), so the mask over
+this buffer is the SAME for every head and batch element: a query at position q in partition
+kq = (q - S) // L (kq = -1 for the sink) sees the two index intervals
+
+    [0, a(q))        a(q) = q + 1 if q < S, else S + k * max(kq - 1, 0)   (sink + selections of partitions <= kq - 2)
+    [b(q), c(q)]     b(q) = C_pad + L * max(kq - 1, 0),  c(q) = C_pad + q - S   (all of partition kq - 1, kq causally)
+
+which is exactly the key set of `lrsa_viz.mask.visibility_from_keep` (METHOD.md §3), each key appearing once.
+Both interval ends grow with q, so the mask is static, cheap to evaluate (three comparisons per element) and its
+block structure can be computed exactly from the intervals, in O(N * kv_len / BLOCK) work, without any N x N tensor.
+
+Block size (BLOCK, default 128, FlexAttention's tile):
+
+- C_pad rounds C up to a multiple of BLOCK, so the full region starts on a block boundary and, when L is a
+  multiple of BLOCK, each partition occupies whole key blocks. The padding keys are never visible.
+- Query blocks start at multiples of BLOCK in position, partitions at S + j L: when S is not a multiple of BLOCK a
+  query block straddles two partitions, so it touches three full-region key blocks, each only partly visible.
+- When r*L (k) is not a multiple of BLOCK, the end a(q) of the visible selections falls inside a key block: that
+  block is partial for the query block (at most one or two per query block).
+- When L is not a multiple of BLOCK, partitions straddle key blocks: more partial blocks.
+- Partial blocks are exact: FlexAttention evaluates `mask_mod` element by element inside them; only the fully
+  visible blocks skip it and the invisible ones are skipped. So block alignment never changes the result, only
+  the speed: work is counted in whole BLOCK x BLOCK tiles, and with L or k much smaller than BLOCK most tiles are
+  partial and mostly empty, so the gain over dense attention shrinks towards what the tile count allows.
+- N or kv_len not a multiple of BLOCK: the last query/key block is partial; the key buffer is padded with never
+  visible zeros up to a multiple of BLOCK.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask
+
+from ..config import LagConfig
+
+#: FlexAttention's default sparse block size (tokens per query block and per key block).
+DEFAULT_BLOCK_SIZE = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class LrsaLayout:
+    """Sizes of the compact key/value buffer of one sequence length (see the module docstring).
+
+    Attributes:
+        seq_len: N. sink, lag, top_k: S, L, k of the LagConfig. block_size: BLOCK.
+        compact: C = S + (P - 1) k, the sink and the selections. compact_padded: C_pad, C rounded up to BLOCK.
+        kv_len: C_pad + (N - S) rounded up to BLOCK: length of the key/value buffer.
+    """
+
+    seq_len: int
+    sink: int
+    lag: int
+    top_k: int
+    block_size: int
+    compact: int
+    compact_padded: int
+    kv_len: int
+
+    @classmethod
+    def of(cls, seq_len: int, config: LagConfig, block_size: int = DEFAULT_BLOCK_SIZE) -> "LrsaLayout":
+        """Layout for ``seq_len`` tokens; needs at least two full partitions (N >= S + 2L) to compress anything."""
+        if block_size < 16 or block_size & (block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
+        p = config.num_partitions(seq_len)
+        if p < 2:
+            raise ValueError(
+                f"seq_len: the compact layout needs N >= S + 2L = {config.min_compressible_length} tokens "
+                f"(shorter sequences are plain causal attention), got {seq_len}"
+            )
+        s = config.sink_size
+        compact = s + (p - 1) * config.top_k
+        compact_padded = math.ceil(compact / block_size) * block_size
+        kv_len = compact_padded + math.ceil((seq_len - s) / block_size) * block_size
+        return cls(seq_len, s, config.lag_size, config.top_k, block_size, compact, compact_padded, kv_len)
+
+    def params(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The four numbers the mask needs, as an int32 tensor [S, L, k, C_pad] (a tensor so that compiled kernels
+        take them as data: one compiled kernel serves every sequence length and config)."""
+        return torch.tensor([self.sink, self.lag, self.top_k, self.compact_padded], dtype=torch.int32, device=device)
+
+
+def visible_bounds(q: torch.Tensor, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The visible key-index intervals [0, a) and [b, c] of queries at positions ``q`` (any shape, integer).
+
+    ``params`` is `LrsaLayout.params`. Returns (a, b, c), each shaped like ``q``.
+    """
+    sink, lag, top_k, compact_padded = params[0], params[1], params[2], params[3]
+    behind = torch.clamp(torch.div(q - sink, lag, rounding_mode="floor") - 1, min=0)  # max(kq - 1, 0)
+    a = torch.where(q < sink, q + 1, sink + top_k * behind)
+    b = compact_padded + lag * behind
+    c = compact_padded + q - sink
+    return a, b, c
+
+
+def make_mask_mod(params: torch.Tensor):
+    """FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` of the layout: True where the query may see the key index."""
+
+    def lrsa_compact_mask(b, h, q_idx, kv_idx):
+        a, lo, hi = visible_bounds(q_idx, params)
+        return (kv_idx < a) | ((kv_idx >= lo) & (kv_idx <= hi))
+
+    return lrsa_compact_mask
+
+
+def block_classes(layout: LrsaLayout, device: torch.device | str = "cpu", rows_per_chunk: int = 8192):
+    """Classify every (query block, key block) tile as empty, partial or full, exactly, from the intervals.
+
+    Returns:
+        (partial, full): bool [n_q_blocks, n_kv_blocks]. A tile is full when every query row of it sees every
+        key of it, partial when some but not all (query, key) pairs are visible, empty otherwise.
+    """
+    bs, n = layout.block_size, layout.seq_len
+    n_q, n_kv = math.ceil(n / bs), math.ceil(layout.kv_len / bs)
+    params = layout.params(device).long()
+    starts = torch.arange(n_kv, device=device) * bs
+    ends = torch.clamp(starts + bs, max=layout.kv_len)
+    partial, full = [], []
+    q_blocks_per_chunk = max(1, rows_per_chunk // bs)
+    for first in range(0, n_q, q_blocks_per_chunk):
+        blocks = min(q_blocks_per_chunk, n_q - first)
+        # rows past N repeat the last row: min/max over a block are unchanged
+        q = torch.clamp(torch.arange(first * bs, (first + blocks) * bs, device=device), max=n - 1)[:, None]
+        a, lo, hi = visible_bounds(q, params)
+        count = (torch.minimum(a, ends) - starts).clamp(min=0)
+        count += (torch.minimum(hi + 1, ends) - torch.maximum(lo, starts)).clamp(min=0)
+        count = count.view(blocks, bs, n_kv)
+        is_full = (count.amin(dim=1) == (ends - starts))
+        partial.append((count.amax(dim=1) > 0) & ~is_full)
+        full.append(is_full)
+    return torch.cat(partial), torch.cat(full)
+
+
+def _to_indices(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n_q, n_kv] bool -> (num_blocks [1, 1, n_q] int32, indices [1, 1, n_q, n_kv] int32, selected blocks first)."""
+    n_kv = selected.shape[-1]
+    idx = torch.arange(n_kv, device=selected.device)
+    order = torch.argsort(torch.where(selected, idx, idx + n_kv), dim=-1)
+    return selected.sum(-1, dtype=torch.int32)[None, None], order.to(torch.int32)[None, None]
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_block_mask(layout: LrsaLayout, device: str) -> BlockMask:
+    partial, full = block_classes(layout, device)
+    kv_num, kv_idx = _to_indices(partial)
+    full_num, full_idx = _to_indices(full)
+    mask_mod = make_mask_mod(layout.params(device))
+    return BlockMask.from_kv_blocks(
+        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=layout.block_size, mask_mod=mask_mod,
+        seq_lengths=(layout.seq_len, layout.kv_len),
+    )
+
+
+def lrsa_block_mask(layout: LrsaLayout, device: torch.device | str) -> BlockMask:
+    """The static FlexAttention `BlockMask` of a layout, shared by every batch element and head (B = H = 1).
+
+    Built once per (layout, device) and cached; its tensors are O(N / BLOCK * kv_len / BLOCK) integers.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _cached_block_mask(layout, str(device))
+
+
+def layout_kv(key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor, layout: LrsaLayout):
+    """Build the key and value buffers of the layout (differentiable: gradients flow back to ``key``/``value``).
+
+    Args:
+        key, value: [B, H_kv, N, d] post-RoPE.
+        positions: LongTensor [B, H_kv, C] of the compact region (from `compact_positions`).
+    Returns:
+        (key_buffer, value_buffer), each [B, H_kv, kv_len, d]. A key kept by LagKV appears twice (compact and
+        full region); the mask shows each query exactly one of the two copies, and the gradient of the key is the
+        sum over both copies, which is the gradient of the single key of the reference path.
+    """
+    b, h, n, d = key.shape
+    if positions.shape != (b, h, layout.compact):
+        raise ValueError(f"positions must be [B, H_kv, C] = {(b, h, layout.compact)}, got {tuple(positions.shape)}")
+    index = positions[..., None].expand(-1, -1, -1, d)
+    gap = layout.compact_padded - layout.compact
+    tail = layout.kv_len - layout.compact_padded - (n - layout.sink)
+
+    def build(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat(
+            [x.gather(2, index), x.new_zeros(b, h, gap, d), x[:, :, layout.sink:], x.new_zeros(b, h, tail, d)], dim=2
+        )
+
+    return build(key), build(value)
+
+
+def buffer_positions(positions: torch.Tensor, layout: LrsaLayout) -> torch.Tensor:
+    """Original token position held at each index of the buffer, -1 for padding: LongTensor [B, H_kv, kv_len].
+
+    For teaching and tests: maps a buffer-index mask back to token positions.
+    """
+    b, h, _ = positions.shape
+    out = torch.full((b, h, layout.kv_len), -1, dtype=torch.long, device=positions.device)
+    out[..., : layout.compact] = positions
+    full = torch.arange(layout.sink, layout.seq_len, device=positions.device)
+    out[..., layout.compact_padded: layout.compact_padded + full.numel()] = full
+    return out

@@ -1,0 +1,38 @@
+"""LagKV selections for the compact layout: the sink and the top-k tokens of every scored partition."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..config import LagConfig
+from ..scoring import selected_positions, token_std_scores
+
+
+def compact_positions(keys: torch.Tensor, values: torch.Tensor, config: LagConfig) -> torch.Tensor:
+    """Positions gathered into the compact region, per batch element and KV head, ascending.
+
+    The sink ``0 .. S-1`` then the LagKV top-k of partitions ``0 .. P-2``: the first ``S + (P-1) k`` entries of
+    `lrsa_viz.scoring.lagkv_keep_indices`, computed by the same scoring code (`token_std_scores`,
+    `selected_positions`) without `lagkv_scores`' input checks, which read K/V again and synchronise the device.
+    Args:
+        keys, values: [B, H_kv, N, d] post-RoPE, N >= S + 2L.
+    Returns:
+        LongTensor [B, H_kv, S + (P-1) k]. No gradient (call under ``torch.no_grad``; indices are discrete).
+    """
+    b, h, n, _ = keys.shape
+    s, lag = config.sink_size, config.lag_size
+    span = slice(s, s + config.num_partitions(n) * lag)
+    scores = token_std_scores(keys[:, :, span], lag) + config.score_v_ratio * token_std_scores(values[:, :, span], lag)
+    sink = torch.arange(s, device=keys.device).expand(b, h, s)
+    return torch.cat([sink, selected_positions(scores, config)], dim=-1)
+
+
+@functools.cache
+def compiled_compact_positions():
+    """`compact_positions` compiled with dynamic shapes (one compilation serves every N; used on CUDA).
+
+    Fusing the float32 statistics (min/max over the reference, normalisation, channel std, softmax) reads K and V
+    once instead of once per operation.
+    """
+    return torch.compile(compact_positions, dynamic=True)

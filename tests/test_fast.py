@@ -1,0 +1,262 @@
+"""Fast LRSA (compact K/V layout + FlexAttention) against the reference dense-mask path.
+
+On CPU: the selections, the layout, the block mask and the forward pass of the real FlexAttention call (PyTorch's
+uncompiled implementation), the model integration, and the gradient routing of the layout (through an attention
+over the same layout and mask that can run backward on CPU). Needs CUDA (skipped here with the reason): the
+compiled kernel's forward and backward in bf16; the benchmark script checks them too on every GPU run.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_mask
+
+from lrsa_viz import LagConfig, LagKVCache, chunked_prefill, disable_lrsa, enable_lrsa, lrsa
+from lrsa_viz.attention import lrsa_backend_of, resolve_backend
+from lrsa_viz.fast import LrsaLayout, block_classes, buffer_positions, compact_positions, fast_lrsa_attention, layout_kv
+from lrsa_viz.fast.cost import dense_causal_pairs, kv_cache_bytes, lrsa_tiles, lrsa_visible_pairs
+from lrsa_viz.fast.layout import lrsa_block_mask, make_mask_mod
+from lrsa_viz.mask import lrsa_visibility
+from lrsa_viz.scoring import lagkv_keep_indices
+
+# (config, N, block size): N not a multiple of L or of the block, no sink, odd sizes, k and L not multiples of the
+# block, L smaller than the block, the default config with the default block
+CASES = [
+    (LagConfig(4, 16, 0.25), 150, 16),
+    (LagConfig(0, 8, 0.5), 61, 16),
+    (LagConfig(3, 5, 0.4), 77, 16),
+    (LagConfig(1, 6, 1 / 6), 100, 32),
+    (LagConfig(16, 32, 0.25), 300, 64),
+    (LagConfig(16, 128, 0.25), 700, 128),
+]
+ids = [f"S{c.sink_size}-L{c.lag_size}-r{c.ratio:.3g}-N{n}-B{b}" for c, n, b in CASES]
+
+
+def random_qkv(n, b=2, hq=4, hkv=2, d=16, seed=0, dtype=torch.float32, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, n, d, generator=g, dtype=dtype).to(device) for h in (hq, hkv, hkv)]
+
+
+def reference(q, k, v, cfg):
+    """The reference path: dense LRSA mask, SDPA with repeated K/V heads."""
+    g = q.shape[1] // k.shape[1]
+    visible = lrsa_visibility(k.detach(), v.detach(), cfg).repeat_interleave(g, 1)
+    return F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), attn_mask=visible)
+
+
+@pytest.mark.parametrize("cfg, n, bs", CASES, ids=ids)
+def test_selected_positions_are_lagkv(cfg, n, bs):
+    q, k, v = random_qkv(n, seed=n)
+    pos = compact_positions(k, v, cfg)
+    layout = LrsaLayout.of(n, cfg, bs)
+    assert pos.shape[-1] == layout.compact == cfg.sink_size + (cfg.num_partitions(n) - 1) * cfg.top_k
+    assert torch.equal(pos, lagkv_keep_indices(k, v, cfg)[..., : layout.compact])
+
+
+@pytest.mark.parametrize("cfg, n, bs", CASES, ids=ids)
+def test_layout_mask_is_the_lrsa_mask(cfg, n, bs):
+    """Mapped back to token positions, the static layout mask shows each query exactly its LRSA keys, once."""
+    _, k, v = random_qkv(n, seed=n + 1)
+    layout = LrsaLayout.of(n, cfg, bs)
+    dense = create_mask(make_mask_mod(layout.params()), None, None, n, layout.kv_len, device="cpu")[0, 0]
+    positions = buffer_positions(compact_positions(k, v, cfg), layout)
+    visible = lrsa_visibility(k, v, cfg)
+    rows, cols = dense.nonzero(as_tuple=True)
+    for b in range(k.shape[0]):
+        for h in range(k.shape[1]):
+            tokens = positions[b, h, cols]
+            assert (tokens >= 0).all(), "a padding slot is visible"
+            seen = torch.zeros(n, n, dtype=torch.long).index_put_((rows, tokens), torch.ones_like(rows), accumulate=True)
+            assert seen.max() == 1, "a key is visible twice"
+            assert torch.equal(seen.bool(), visible[b, h])
+
+
+@pytest.mark.parametrize("cfg, n, bs", CASES, ids=ids)
+def test_block_classes_are_exact(cfg, n, bs):
+    """Empty / partial / full tiles computed from the intervals equal those of the materialised mask."""
+    layout = LrsaLayout.of(n, cfg, bs)
+    dense = create_mask(make_mask_mod(layout.params()), None, None, n, layout.kv_len, device="cpu")[0, 0]
+    n_q = -(-n // bs)
+    tiles = dense[torch.arange(n_q * bs).clamp(max=n - 1)].view(n_q, bs, -1, bs)
+    partial, full = block_classes(layout)
+    assert torch.equal(full, tiles.all(3).all(1))
+    assert torch.equal(partial, tiles.any(3).any(1) & ~tiles.all(3).all(1))
+    bm = lrsa_block_mask(layout, "cpu")
+    assert bm.shape == (1, 1, n, layout.kv_len)
+    assert torch.equal(bm.kv_num_blocks[0, 0], partial.sum(-1).int())
+    assert torch.equal(bm.full_kv_num_blocks[0, 0], full.sum(-1).int())
+
+
+@pytest.mark.parametrize("cfg, n, bs", CASES, ids=ids)
+def test_fast_forward_matches_reference(cfg, n, bs):
+    q, k, v = random_qkv(n, seed=n + 2)
+    out = fast_lrsa_attention(q, k, v, cfg, block_size=bs)
+    ref = reference(q, k, v, cfg)
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max().item() <= 1e-5
+    # the mask matters: dense causal attention gives another result
+    dense = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert (out - dense).abs().max().item() > 1e-2
+
+
+def test_short_sequences_and_ratio_one_are_causal():
+    q, k, v = random_qkv(40)
+    causal = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert torch.allclose(fast_lrsa_attention(q, k, v, LagConfig(16, 32, 0.25)), causal, atol=1e-6)  # N < S + 2L
+    assert torch.allclose(fast_lrsa_attention(q, k, v, LagConfig(2, 4, 1.0)), causal, atol=1e-6)
+
+
+def layout_attention_dense(q, k, v, cfg, bs):
+    """Same layout and mask as the fast path, attended with SDPA (so backward runs on CPU)."""
+    layout = LrsaLayout.of(q.shape[2], cfg, bs)
+    with torch.no_grad():
+        pos = compact_positions(k, v, cfg)
+    kb, vb = layout_kv(k, v, pos, layout)
+    mask = create_mask(make_mask_mod(layout.params()), None, None, q.shape[2], layout.kv_len, device="cpu")
+    return F.scaled_dot_product_attention(q, kb, vb, attn_mask=mask, enable_gqa=True)
+
+
+@pytest.mark.parametrize("cfg, n, bs", CASES[:3], ids=ids[:3])
+def test_layout_gradients_match_reference(cfg, n, bs):
+    """d(loss)/dK of a kept token sums its two copies (compact and full region): it equals the reference's."""
+    q, k, v = (t.requires_grad_() for t in random_qkv(n, seed=n + 3))
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(9))
+    got = torch.autograd.grad(layout_attention_dense(q, k, v, cfg, bs), (q, k, v), grad_out)
+    want = torch.autograd.grad(reference(q, k, v, cfg), (q, k, v), grad_out)
+    for g, w in zip(got, want):
+        assert (g - w).abs().max().item() <= 1e-5
+    kept = lagkv_keep_indices(k, v, cfg)[0, 0, cfg.sink_size]  # a selected (compact-region) token
+    assert want[1][0, 0, kept].abs().sum() > 0
+
+
+def test_flex_backward_on_cpu_is_a_clear_error():
+    q, k, v = (t.requires_grad_() for t in random_qkv(150))
+    with pytest.raises(ValueError, match="backend='reference'"):
+        fast_lrsa_attention(q, k, v, LagConfig(4, 16, 0.25), block_size=16)
+
+
+def test_bad_shapes_are_clear_errors():
+    q, k, v = random_qkv(150)
+    with pytest.raises(ValueError, match="key must be"):
+        fast_lrsa_attention(q, k[:, :, :100], v[:, :, :100], LagConfig(4, 16, 0.25))
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        fast_lrsa_attention(q[:, :3], k, v, LagConfig(4, 16, 0.25))
+    with pytest.raises(ValueError, match="block_size"):
+        LrsaLayout.of(150, LagConfig(4, 16, 0.25), block_size=48)
+    with pytest.raises(ValueError, match="seq_len"):
+        LrsaLayout.of(30, LagConfig(4, 16, 0.25))
+
+
+def test_cost_model_counts_the_mask():
+    for cfg, n, _ in CASES:
+        _, k, v = random_qkv(n, b=1, hkv=1)
+        assert lrsa_visible_pairs(n, cfg) == int(lrsa_visibility(k, v, cfg).sum())
+    assert lrsa_visible_pairs(40, LagConfig(16, 32, 0.25)) == dense_causal_pairs(40)
+    tiles = lrsa_tiles(8192, LagConfig())
+    assert tiles["dense_causal"] == 64 * 65 // 2 and tiles["partial"] + tiles["full"] < tiles["dense_causal"] / 2.5
+    assert kv_cache_bytes(1000, 30, 3, 64) == 2 * 30 * 3 * 64 * 1000 * 2
+    assert kv_cache_bytes(1000, 30, 3, 64, config=LagConfig()) == 2 * 30 * 3 * 64 * LagConfig().retained_length(1000) * 2
+
+
+# ---------------------------------------------------------------------------------------------- model integration
+def logits(model, ids, cfg, backend, **kw):
+    with torch.no_grad(), lrsa(model, cfg, backend=backend):
+        return model(ids, **kw).logits
+
+
+def test_backend_selection(tiny):
+    assert resolve_backend("auto", "cpu") == "reference" and resolve_backend("auto", "cuda") == "flex"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        enable_lrsa(tiny, LagConfig(), backend="fastest")
+    enable_lrsa(tiny, LagConfig(), backend="flex")
+    assert lrsa_backend_of(tiny) == "flex"
+    with lrsa(tiny, LagConfig(1, 2, 0.5), backend="reference"):
+        assert lrsa_backend_of(tiny) == "reference"
+    assert lrsa_backend_of(tiny) == "flex"
+    disable_lrsa(tiny)
+    assert lrsa_backend_of(tiny) is None and not hasattr(tiny.config, "lrsa_backend")
+
+
+@pytest.mark.parametrize("cfg, n", [(LagConfig(4, 16, 0.25), 150), (LagConfig(3, 5, 0.4), 77), (LagConfig(16, 32, 0.125), 40)])
+def test_model_flex_equals_reference(tiny, cfg, n):
+    ids = torch.randint(0, 256, (2, n), generator=torch.Generator().manual_seed(n))
+    flex = logits(tiny, ids, cfg, "flex")
+    ref = logits(tiny, ids, cfg, "reference")
+    assert (flex - ref).abs().max().item() <= 1e-4
+    chunked, _ = chunked_prefill(tiny, ids, cfg)  # the central equivalence holds for the fast path too
+    assert (flex - chunked).abs().max().item() <= 1e-4
+
+
+def test_model_flex_right_padding_and_left_padding(tiny):
+    cfg = LagConfig(2, 6, 0.5)
+    g = torch.Generator().manual_seed(7)
+    long, short = torch.randint(0, 256, (1, 60), generator=g), torch.randint(0, 256, (1, 41), generator=g)
+    batch = torch.cat([long, torch.cat([short, torch.zeros(1, 19, dtype=torch.long)], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, 41:] = 0
+    padded = logits(tiny, batch, cfg, "flex", attention_mask=mask)
+    assert (padded[1, :41] - logits(tiny, short, cfg, "reference")[0]).abs().max() <= 1e-4
+    assert (padded[0] - logits(tiny, long, cfg, "reference")[0]).abs().max() <= 1e-4
+    with pytest.raises(ValueError, match="right-padded"):
+        logits(tiny, batch, cfg, "flex", attention_mask=mask.flip(1))
+
+
+def test_model_flex_with_caches(tiny):
+    """Prefill into a LagKVCache runs the fast path, decoding delegates; generation equals the reference."""
+    cfg = LagConfig(4, 8, 0.25)
+    ids = torch.randint(0, 256, (2, 45), generator=torch.Generator().manual_seed(2))
+    kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
+    out = {}
+    for backend in ("flex", "reference"):
+        with torch.no_grad(), lrsa(tiny, cfg, backend=backend):
+            out[backend, "lagkv"] = tiny.generate(ids, past_key_values=LagKVCache(cfg), **kw)
+            out[backend, "full"] = tiny.generate(ids, **kw)
+    assert torch.equal(out["flex", "lagkv"], out["reference", "lagkv"])
+    assert torch.equal(out["flex", "full"], out["reference", "full"])
+    assert torch.equal(out["flex", "lagkv"], out["flex", "full"])
+
+
+# ---------------------------------------------------------------------------------------------------- CUDA only
+cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs CUDA: PyTorch has no FlexAttention backward on CPU, and the compiled Triton kernel is CUDA code",
+)
+
+
+@cuda
+@pytest.mark.parametrize("ratio", [0.25, 0.125])
+def test_cuda_bf16_outputs_and_gradients(ratio):
+    cfg = LagConfig(16, 128, ratio)
+    q, k, v = random_qkv(1100, b=2, hq=9, hkv=3, d=64, seed=4, dtype=torch.bfloat16, device="cuda")
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    grad_out = torch.randn_like(q)
+    fast = [fast_lrsa_attention(q, k, v, cfg)]
+    fast += torch.autograd.grad(fast[0], (q, k, v), grad_out)
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = [reference(q32, k32, v32, cfg)]
+    ref += torch.autograd.grad(ref[0], (q32, k32, v32), grad_out.float())
+    ref16 = [reference(q, k, v, cfg)]
+    ref16 += torch.autograd.grad(ref16[0], (q, k, v), grad_out)
+    for name, f, r, r16 in zip(["out", "dq", "dk", "dv"], fast, ref, ref16):
+        err = ((f.float() - r).norm() / r.norm()).item()
+        err16 = ((r16.float() - r).norm() / r.norm()).item()
+        assert err <= 1e-2 and err <= 1.5 * err16 + 1e-3, (name, err, err16)
+    with torch.no_grad():
+        from lrsa_viz.fast import compiled_compact_positions
+        pos = compiled_compact_positions()(k, v, cfg)
+        assert torch.equal(pos, lagkv_keep_indices(k, v, cfg)[..., : pos.shape[-1]])
+
+
+@cuda
+def test_cuda_model_training_step_matches_reference(tiny):
+    model = type(tiny)(tiny.config).to("cuda", torch.bfloat16)
+    model.load_state_dict(tiny.state_dict())
+    cfg = LagConfig(4, 16, 0.25)
+    ids = torch.randint(0, 256, (2, 300), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    grads = {}
+    for backend in ("flex", "reference"):
+        model.zero_grad()
+        with lrsa(model, cfg, backend=backend):
+            model(ids, labels=ids).loss.backward()
+        grads[backend] = model.model.layers[0].self_attn.k_proj.weight.grad.float()
+    err = ((grads["flex"] - grads["reference"]).norm() / grads["reference"].norm()).item()
+    assert err <= 2e-2, err
