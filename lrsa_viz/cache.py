@@ -16,6 +16,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from .config import LagConfig
 from .policies import Policy, make_policy
+from .scoring import check_kv
 
 Mode = Literal["recursive", "one_shot"]
 
@@ -38,6 +39,12 @@ class LagKVLayer(DynamicLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append [B, H_kv, q, d] states, return everything to attend to (before compression), then compress."""
+        check_kv(key_states, value_states)
+        if self.is_initialized and key_states.shape[:2] + key_states.shape[3:] != self.keys.shape[:2] + self.keys.shape[3:]:
+            raise ValueError(
+                f"key_states: shape {tuple(key_states.shape)} does not continue the cached [B, H_kv, stored, d] = "
+                f"{tuple(self.keys.shape)} (batch, KV heads and head dim must stay the same)"
+            )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
             b, h = key_states.shape[:2]
@@ -123,6 +130,8 @@ class LagKVCache(Cache):
     def __init__(self, config: LagConfig | None = None, mode: Mode = "recursive", policy: str | Policy | None = None):
         if mode not in ("recursive", "one_shot"):
             raise ValueError(f"mode must be 'recursive' or 'one_shot', got {mode!r}")
+        if config is not None and not isinstance(config, LagConfig):
+            raise ValueError(f"config must be a LagConfig or None, got {type(config).__name__}")
         self.lag_config = config or LagConfig()
         self.mode = mode
         self.policy = make_policy(policy)  # one instance shared by all layers (a seeded RandomPolicy stays reproducible)

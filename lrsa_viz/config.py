@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +23,12 @@ class LagConfig:
     score_v_ratio: float = 1.0
 
     def __post_init__(self) -> None:
+        # numpy scalars (np.int64, np.float32, ...) become plain Python numbers; anything else is checked below
+        for name, kind, cast in (("sink_size", numbers.Integral, int), ("lag_size", numbers.Integral, int),
+                                 ("ratio", numbers.Real, float), ("score_v_ratio", numbers.Real, float)):
+            value = getattr(self, name)
+            if isinstance(value, kind) and not isinstance(value, bool) and type(value) not in (int, float):
+                object.__setattr__(self, name, cast(value))
         for name in ("sink_size", "lag_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):

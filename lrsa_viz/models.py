@@ -64,7 +64,10 @@ def resolve_model_source(name_or_path: str | os.PathLike | None) -> str:
     source = name_or_path or os.environ.get(MODEL_ENV)
     gguf = Path(source) if source else default_gguf_path()
     if gguf.suffix != ".gguf":
-        return str(source)
+        looks_local = str(source).startswith(("/", "./", "../", "~", ".\\", "..\\")) or Path(source).is_absolute()
+        if looks_local and not Path(source).expanduser().exists():
+            raise FileNotFoundError(f"name_or_path: model directory {source} does not exist")
+        return str(Path(source).expanduser()) if looks_local else str(source)
     if not gguf.exists():
         raise FileNotFoundError(f"name_or_path: GGUF file {gguf} does not exist")
     converted = cache_dir() / f"{gguf.stem}-{gguf.stat().st_size}"

@@ -5,6 +5,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from .attention import check_max_positions, check_supported
 from .cache import LagKVCache
 from .config import LagConfig
 from .policies import Policy
@@ -16,6 +17,24 @@ def prefill_chunks(seq_len: int, config: LagConfig) -> list[tuple[int, int]]:
     bounds = [(0, first)] if seq_len else []
     bounds += [(s, min(s + config.lag_size, seq_len)) for s in range(first, seq_len, config.lag_size)]
     return bounds
+
+
+def check_prefill_inputs(model: PreTrainedModel, input_ids: torch.Tensor, config: LagConfig) -> None:
+    """Raise ValueError unless the model family is supported, ``config`` is a LagConfig and ``input_ids`` is a
+    non-empty [B, N] integer tensor of token ids in [0, vocab_size) that fits the model's positions."""
+    check_supported(model)
+    if not isinstance(config, LagConfig):
+        raise ValueError(f"config must be a LagConfig, got {type(config).__name__}")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or 0 in input_ids.shape:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be a [B, N] tensor with B >= 1 and N >= 1, got {shape}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    vocab = getattr(model.config, "vocab_size", None)
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or (vocab is not None and hi >= vocab):
+        raise ValueError(f"input_ids must be token ids in [0, vocab_size={vocab}), got values from {lo} to {hi}")
+    check_max_positions(model.config, input_ids.shape[1], "input_ids")
 
 
 @torch.no_grad()
@@ -33,8 +52,7 @@ def chunked_prefill(
         (logits [B, N, V] of every position, the cache after the last chunk).
     Batches must be unpadded: a padded ``attention_mask`` raises ValueError (LagKV partitions would not line up).
     """
-    if input_ids.ndim != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be [B, N] with N >= 1, got shape {tuple(input_ids.shape)}")
+    check_prefill_inputs(model, input_ids, config)
     if attention_mask is not None and not bool(attention_mask.bool().all()):
         raise ValueError("attention_mask: chunked_prefill does not support padded batches; run rows separately")
     cache = LagKVCache(config, mode="recursive", policy=policy)
@@ -60,8 +78,10 @@ def compressed_generate(
     from that compressing `LagKVCache`, feeding the last prompt token and each new token one at a time.
     Returns the [B, N + new] sequences, like ``generate``.
     """
-    if input_ids.ndim != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be [B, N] with N >= 1, got shape {tuple(input_ids.shape)}")
+    check_prefill_inputs(model, input_ids, config)
+    new_tokens = generate_kwargs.get("max_new_tokens")
+    if new_tokens is not None:
+        check_max_positions(model.config, input_ids.shape[1] + new_tokens, "input_ids + max_new_tokens")
     if input_ids.shape[1] > 1:
         _, cache = chunked_prefill(model, input_ids[:, :-1], config, progress=progress, policy=policy)
     else:

@@ -14,7 +14,7 @@ RANGE_EPS = 1e-6
 
 
 def check_kv(keys: torch.Tensor, values: torch.Tensor) -> None:
-    """Raise ValueError unless keys and values are [B, H_kv, N, d] tensors of one shape with d >= 2."""
+    """Raise ValueError unless keys and values are finite float [B, H_kv, N, d] tensors of one shape with d >= 2."""
     for name, t in (("keys", keys), ("values", values)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor of shape [B, H_kv, N, d], got {type(t).__name__}")
@@ -26,6 +26,19 @@ def check_kv(keys: torch.Tensor, values: torch.Tensor) -> None:
         raise ValueError(f"keys and values must have the same shape, got {tuple(keys.shape)} and {tuple(values.shape)}")
     if keys.shape[-1] < 2:
         raise ValueError(f"head dim d must be >= 2 (the score is a std over channels), got {keys.shape[-1]}")
+    for name, t in (("keys", keys), ("values", values)):
+        check_finite(name, t)
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """Raise ValueError if ``t`` [B, H, N, d] holds NaN or inf: LagKV scores (min/max/std) would be undefined."""
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        b, h, pos, _ = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"{name} contain NaN or inf (first at batch {b}, head {h}, position {pos}); LagKV needs finite keys and "
+            "values (check the model's dtype for overflow, e.g. float16, and its inputs)"
+        )
 
 
 def token_std_scores(z: torch.Tensor, lag_size: int) -> torch.Tensor:
