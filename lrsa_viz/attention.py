@@ -3,6 +3,10 @@
 `enable_lrsa(model, config)` registers the attention implementation ``"lrsa"``: every attention layer computes
 LagKV selections from its own post-RoPE K/V (no gradient) and attends with the LRSA mask of METHOD.md §3.
 `disable_lrsa` restores the previous implementation; `lrsa(model, config)` does both as a context manager.
+
+Backends (``enable_lrsa(model, config, backend=...)``): ``"reference"`` builds the dense [Q, N] LRSA mask (teaching,
+CPU); ``"flex"`` runs `lrsa_viz.fast.fast_lrsa_attention` (compact K/V + one FlexAttention call, no N x N mask) for
+full-sequence calls; ``"auto"`` (default) picks ``"flex"`` for CUDA tensors and ``"reference"`` otherwise.
 """
 from __future__ import annotations
 
@@ -22,6 +26,18 @@ LRSA_IMPLEMENTATION = "lrsa"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _CONFIG_ATTR = "lrsa"  # model.config.lrsa: the LagConfig as a dict (saved with the model's config)
 _PREVIOUS_ATTR = "lrsa_previous_attn_implementation"
+_BACKEND_ATTR = "lrsa_backend"  # model.config.lrsa_backend: "auto" | "reference" | "flex"
+BACKENDS = ("auto", "reference", "flex")
+
+
+def resolve_backend(backend: str | None, device: torch.device | str) -> str:
+    """The backend that runs on ``device``: ``"auto"`` means ``"flex"`` on CUDA and ``"reference"`` elsewhere."""
+    backend = backend or "reference"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "flex" if torch.device(device).type == "cuda" else "reference"
+    return backend
 
 
 def check_right_padding(attention_mask: torch.Tensor | None) -> None:
@@ -107,15 +123,20 @@ def check_supported(model: PreTrainedModel) -> None:
         )
 
 
-def enable_lrsa(model: PreTrainedModel, config: LagConfig | None = None) -> PreTrainedModel:
-    """Make every attention layer of ``model`` use LRSA with ``config`` (default LagConfig()). Returns the model."""
+def enable_lrsa(model: PreTrainedModel, config: LagConfig | None = None, backend: str = "auto") -> PreTrainedModel:
+    """Make every attention layer of ``model`` use LRSA with ``config`` (default LagConfig()). Returns the model.
+
+    ``backend``: ``"auto"`` (flex on CUDA, reference elsewhere), ``"reference"`` or ``"flex"`` (module docstring).
+    """
     check_supported(model)
     config = config or LagConfig()
     if not isinstance(config, LagConfig):
         raise ValueError(f"config must be a LagConfig, got {type(config).__name__}")
+    resolve_backend(backend, "cpu")  # validates the name
     if model.config._attn_implementation != LRSA_IMPLEMENTATION:
         setattr(model.config, _PREVIOUS_ATTR, model.config._attn_implementation or "sdpa")
     setattr(model.config, _CONFIG_ATTR, config.to_dict())
+    setattr(model.config, _BACKEND_ATTR, backend)
     model.set_attn_implementation(LRSA_IMPLEMENTATION)
     return model
 
@@ -124,7 +145,7 @@ def disable_lrsa(model: PreTrainedModel) -> PreTrainedModel:
     """Undo `enable_lrsa`: restore the attention implementation the model had before."""
     if model.config._attn_implementation == LRSA_IMPLEMENTATION:
         model.set_attn_implementation(getattr(model.config, _PREVIOUS_ATTR, "sdpa"))
-    for attr in (_CONFIG_ATTR, _PREVIOUS_ATTR):
+    for attr in (_CONFIG_ATTR, _PREVIOUS_ATTR, _BACKEND_ATTR):
         if hasattr(model.config, attr):
             delattr(model.config, attr)
     return model
@@ -137,16 +158,23 @@ def lrsa_config_of(model: PreTrainedModel) -> LagConfig | None:
     return LagConfig.from_dict(getattr(model.config, _CONFIG_ATTR))
 
 
+def lrsa_backend_of(model: PreTrainedModel) -> str | None:
+    """The backend name the model runs LRSA with (``"auto"``, ``"reference"``, ``"flex"``), or None when LRSA is off."""
+    if model.config._attn_implementation != LRSA_IMPLEMENTATION:
+        return None
+    return getattr(model.config, _BACKEND_ATTR, "reference")
+
+
 @contextlib.contextmanager
-def lrsa(model: PreTrainedModel, config: LagConfig | None = None) -> Iterator[PreTrainedModel]:
+def lrsa(model: PreTrainedModel, config: LagConfig | None = None, backend: str = "auto") -> Iterator[PreTrainedModel]:
     """``with lrsa(model, cfg): ...`` runs the block with LRSA on and restores the previous state after."""
     check_supported(model)
-    previous = lrsa_config_of(model)
-    enable_lrsa(model, config)
+    previous, previous_backend = lrsa_config_of(model), lrsa_backend_of(model)
+    enable_lrsa(model, config, backend)
     try:
         yield model
     finally:
         if previous is None:
             disable_lrsa(model)
         else:
-            enable_lrsa(model, previous)
+            enable_lrsa(model, previous, previous_backend)
