@@ -83,3 +83,18 @@ def test_measure_validates():
         measure_cache_growth(k[0], v[0], CFG)
     with pytest.raises(ValueError, match="input_ids"):
         measure_model_cache_growth(None, torch.zeros(2, 5, dtype=torch.long), CFG)
+
+
+def test_prefix_agreement_and_answer_figure():
+    from lrsa_viz.viz import Answer, answer_comparison_figure, prefix_agreement
+    assert prefix_agreement([1, 2, 3, 4], [1, 2, 9, 4]) == 0.5
+    assert prefix_agreement([1, 2], [1, 2, 3]) == 1.0 and prefix_agreement([1, 2], [5]) == 0.0
+    with pytest.raises(ValueError, match="reference"):
+        prefix_agreement([], [1])
+    full = Answer("full", None, [1, 2, 3, 4], "Bingley", 100)
+    answers = [Answer("lagkv", 0.5, [1, 2, 3, 4], "Bingley", 60), Answer("lagkv", 0.25, [1, 2, 0, 0], "Bi", 40),
+               Answer("streaming", 0.5, [7], "no", 60), Answer("streaming", 0.25, [1, 0], "B", 40)]
+    fig = answer_comparison_figure(answers, full)
+    assert [t.name for t in fig.data] == ["lagkv", "streaming"]
+    assert list(fig.data[0].x) == ["r=0.5", "r=0.25"] and list(fig.data[0].y) == [1.0, 0.5]
+    assert list(fig.data[1].y) == [0.0, 0.25]

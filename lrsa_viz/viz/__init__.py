@@ -8,6 +8,7 @@ from .cells import MAX_CELLS, heatmap_cells
 from .compression import (CacheGrowth, compression_curve_figure, kv_bytes_per_token, measure_cache_growth,
                           measure_model_cache_growth)
 from .export import export_html
+from .generation import Answer, answer_comparison_figure, prefix_agreement
 from .lag_scores import channel_values_figure, lag_score_figure, token_std_figure
 from .mask_view import (REGION_NAMES, VISIBLE_REGIONS, attention_comparison_figure, attention_probabilities,
                         lrsa_mask_figure, mask_regions)
@@ -21,5 +22,5 @@ __all__ = [
     "export_html", "lag_score_figure", "channel_values_figure", "token_std_figure", "REGION_NAMES", "VISIBLE_REGIONS",
     "attention_comparison_figure", "attention_probabilities", "lrsa_mask_figure", "mask_regions", "long_text",
     "passage_names", "read_passage", "keep_frequency", "retained_token_figure", "retention_grid_figure",
-    "span_retention", "HtmlView", "coloured_text",
+    "span_retention", "HtmlView", "coloured_text", "Answer", "answer_comparison_figure", "prefix_agreement",
 ]
