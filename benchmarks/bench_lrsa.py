@@ -52,7 +52,7 @@ def log(*a):
     print(*a, flush=True)
 
 
-def cuda_time(fn, min_reps=3, max_reps=20, target_s=1.0, warmup=2) -> dict:
+def cuda_time(fn, min_reps=3, max_reps=10, target_s=0.5, warmup=2) -> dict:
     """Median wall time of ``fn()`` on the GPU (CUDA events), after ``warmup`` calls."""
     for _ in range(warmup):
         fn()
@@ -250,6 +250,30 @@ def profile_fast(n, tokens, cfg) -> dict:
                          "calls": e.count} for e in top]}
 
 
+def bench_variants(seq_lens, tokens, cfg) -> list[dict]:
+    """FlexAttention call alone (prebuilt buffers), forward+backward: compiled with dynamic shapes (one kernel for
+    every N) against static shapes (the library's choice: one compilation per N)."""
+    from torch.nn.attention.flex_attention import flex_attention
+    dynamic = torch.compile(flex_attention, dynamic=True)
+    rows = []
+    for n in seq_lens:
+        batch = max(1, tokens // n)
+        q, k, v = random_qkv(batch, n)
+        grad_out = torch.randn_like(q)
+        layout = LrsaLayout.of(n, cfg)
+        bm = lrsa_block_mask(layout, q.device)
+        with torch.no_grad():
+            pos = compiled_compact_positions()(k, v, cfg)
+        kb, vb = (x.detach().requires_grad_() for x in layout_kv(k.detach(), v.detach(), pos, layout))
+        row = {"n": n, "batch": batch}
+        for name, fn in (("dynamic", dynamic), ("static", compiled_flex_attention())):
+            t = time_fwd_bwd(lambda: fn(q, kb, vb, block_mask=bm, enable_gqa=True), (q, kb, vb), grad_out)
+            row[name] = {p: t[p]["median_s"] for p in ("fwd", "fwd_bwd")}
+        log(f"  variants n={n}: {row}")
+        rows.append(row)
+    return rows
+
+
 # --------------------------------------------------------------------------------------------------------- training
 def smollm2_model():
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -386,10 +410,10 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_lrsa needs a CUDA GPU", file=sys.stderr)
         return 2
-    import torch._dynamo
+    import torch._dynamo as dynamo
     for name, value in (("recompile_limit", 64), ("cache_size_limit", 64), ("accumulated_recompile_limit", 512)):
-        if hasattr(torch._dynamo.config, name):  # new shapes must recompile, never fall back to unfused attention
-            setattr(torch._dynamo.config, name, value)
+        if hasattr(dynamo.config, name):  # new shapes must recompile, never fall back to unfused attention
+            setattr(dynamo.config, name, value)
     t_begin = time.perf_counter()
     ratios = [float(r) for r in args.ratios.split(",")]
     sections = args.sections.split(",")
@@ -413,6 +437,7 @@ def main(argv=None) -> int:
         "correctness": lambda: {"attention": [check_correctness(LagConfig(16, 128, r)) for r in ratios],
                                 "model": model_level_check(LagConfig(16, 128, ratios[0]))},
         "attention": lambda: bench_attention([int(s) for s in args.seq_lens.split(",")], ratios, args.tokens, peak),
+        "variants": lambda: bench_variants([8192, 32768], args.tokens, LagConfig(16, 128, ratios[0])),
         "profile": lambda: [profile_fast(n, args.tokens, LagConfig(16, 128, ratios[0])) for n in (8192, 32768)],
         "training": lambda: bench_training([tuple(int(x) for x in c.split("x")) for c in args.train_cases.split(",")],
                                            LagConfig(16, 128, ratios[0])),

@@ -57,6 +57,12 @@ def lrsa_mask_interface(*args, attention_mask: torch.Tensor | None = None, **kwa
     if kwargs.get("q_length") == 0 or kwargs.get("batch_size") == 0:
         raise ValueError("input_ids / inputs_embeds: LRSA needs at least one sequence of at least one token, got an empty batch")
     check_right_padding(attention_mask)
+    # flex backend, full sequence (no cache offset): no mask at all. Fast LRSA builds its own block mask, and right
+    # padding needs none (a real token only sees earlier, hence real, tokens; padded positions attend to padding,
+    # outputs nobody uses).
+    backend = resolve_backend(getattr(kwargs.get("config"), _BACKEND_ATTR, None), kwargs.get("device", "cpu"))
+    if backend == "flex" and kwargs.get("q_length") == kwargs.get("kv_length") and not kwargs.get("kv_offset"):
+        return None
     return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
 
 
@@ -79,6 +85,8 @@ def lrsa_attention_forward(
         ([B, Q, H_q, d], None), like transformers' SDPA attention.
     If the keys are fewer than the query positions imply, they come from a compressing `LagKVCache`, which
     has already applied the LRSA selection: plain attention over them is the LRSA result.
+    With the flex backend, a full-sequence call (Q == N, no explicit mask) runs `lrsa_viz.fast.fast_lrsa_attention`;
+    calls with a cache (Q < N: decoding, chunks) use the mask below, which is only [Q, N].
     """
     config = LagConfig.from_dict(getattr(module.config, _CONFIG_ATTR))
     q_len, kv_len = query.shape[2], key.shape[2]
@@ -86,6 +94,13 @@ def lrsa_attention_forward(
     check_max_positions(module.config, int(position_ids.max()) + 1 if position_ids is not None else kv_len, "position_ids")
     if position_ids is not None and int(position_ids[..., -1].max()) + 1 > kv_len:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    backend = resolve_backend(getattr(module.config, _BACKEND_ATTR, None), query.device)
+    if backend == "flex" and q_len == kv_len and attention_mask is None:  # full sequence: no N x N mask
+        if dropout:
+            raise ValueError(f"dropout: backend='flex' has no attention dropout, got {dropout}; use backend='reference'")
+        from .fast import fast_lrsa_attention
+
+        return fast_lrsa_attention(query, key, value, config, scaling=scaling).transpose(1, 2).contiguous(), None
     with torch.no_grad():
         kept = keep_mask(key.detach(), value.detach(), config)  # [B, H_kv, N]
         q_pos = torch.arange(kv_len - q_len, kv_len, device=key.device)

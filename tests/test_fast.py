@@ -177,9 +177,14 @@ def test_backend_selection(tiny):
 
 
 @pytest.mark.parametrize("cfg, n", [(LagConfig(4, 16, 0.25), 150), (LagConfig(3, 5, 0.4), 77), (LagConfig(16, 32, 0.125), 40)])
-def test_model_flex_equals_reference(tiny, cfg, n):
+def test_model_flex_equals_reference(tiny, cfg, n, monkeypatch):
+    import lrsa_viz.fast
+    calls = []
+    fast = lrsa_viz.fast.fast_lrsa_attention
+    monkeypatch.setattr(lrsa_viz.fast, "fast_lrsa_attention", lambda *a, **k: calls.append(1) or fast(*a, **k))
     ids = torch.randint(0, 256, (2, n), generator=torch.Generator().manual_seed(n))
     flex = logits(tiny, ids, cfg, "flex")
+    assert len(calls) == tiny.config.num_hidden_layers, "backend='flex' must run the fast path in every layer"
     ref = logits(tiny, ids, cfg, "reference")
     assert (flex - ref).abs().max().item() <= 1e-4
     chunked, _ = chunked_prefill(tiny, ids, cfg)  # the central equivalence holds for the fast path too
@@ -193,6 +198,12 @@ def test_model_flex_right_padding_and_left_padding(tiny):
     batch = torch.cat([long, torch.cat([short, torch.zeros(1, 19, dtype=torch.long)], 1)])
     mask = torch.ones_like(batch)
     mask[1, 41:] = 0
+    import lrsa_viz.attention
+    assert lrsa_viz.attention.lrsa_mask_interface(
+        batch_size=2, q_length=60, kv_length=60, attention_mask=mask, config=tiny.config) is not None  # LRSA off: mask
+    with lrsa(tiny, cfg, backend="flex"):  # the fast path needs (and builds) no [B, 1, N, N] mask
+        assert lrsa_viz.attention.lrsa_mask_interface(
+            batch_size=2, q_length=60, kv_length=60, attention_mask=mask, config=tiny.config) is None
     padded = logits(tiny, batch, cfg, "flex", attention_mask=mask)
     assert (padded[1, :41] - logits(tiny, short, cfg, "reference")[0]).abs().max() <= 1e-4
     assert (padded[0] - logits(tiny, long, cfg, "reference")[0]).abs().max() <= 1e-4

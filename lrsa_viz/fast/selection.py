@@ -30,9 +30,12 @@ def compact_positions(keys: torch.Tensor, values: torch.Tensor, config: LagConfi
 
 @functools.cache
 def compiled_compact_positions():
-    """`compact_positions` compiled with dynamic shapes (one compilation serves every N; used on CUDA).
+    """`compact_positions` compiled (static shapes, one compilation per N and config; used on CUDA).
 
     Fusing the float32 statistics (min/max over the reference, normalisation, channel std, softmax) reads K and V
-    once instead of once per operation.
+    once or twice instead of once per operation.
     """
-    return torch.compile(compact_positions, dynamic=True)
+    from .kernel import allow_recompiles
+
+    allow_recompiles()
+    return torch.compile(compact_positions, dynamic=False)
