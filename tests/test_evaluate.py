@@ -1,0 +1,157 @@
+"""Evaluation: scores, greedy answers under every cache setting (checked against the library's generate paths),
+batching, and the whole tiny experiment (train both modes + resume + evaluate) giving a complete table."""
+import csv
+import json
+
+import pytest
+import torch
+
+from lrsa_viz import LagConfig, LagKVCache, compressed_generate
+from lrsa_viz.evaluate import (Setting, contains_answer, default_settings, evaluate_model, exact_match,
+                               greedy_answers, main, normalize_answer, parse_runs, token_f1)
+from lrsa_viz.policies import RandomPolicy
+from lrsa_viz.qa_data import QAConfig, QAGenerator, encode_prompt, load_tokenizer, write_jsonl
+from lrsa_viz.train import load_source
+from lrsa_viz.train import main as train_main
+
+LAG = LagConfig(sink_size=8, lag_size=32, ratio=0.25)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    return load_source("tiny:0")[0]
+
+
+@pytest.fixture(scope="module")
+def examples(tok):
+    return QAGenerator(tok, QAConfig(context_tokens=192, n_facts=3), seed=0).split("test", 8)
+
+
+def test_scores():
+    assert normalize_answer("  The Code: 4821! ") == "code 4821"
+    assert exact_match("4821.", "4821") == 1.0 and exact_match("4822", "4821") == 0.0
+    assert token_f1("the code is 4821", "4821") == pytest.approx(2 * (1 / 3) / (1 / 3 + 1))
+    assert token_f1("", "4821") == 0.0 and token_f1("4821", "4821") == 1.0
+    assert contains_answer("It is 4821.", "4821") == 1.0 and contains_answer("48210", "4821") == 0.0
+
+
+def test_settings():
+    rows = default_settings()
+    assert len(rows) == 13 and rows[0] == Setting()
+    assert {(s.name, s.ratio) for s in rows[1:]} == {(f"{p}/{q}", r) for p, q in (
+        ("lagkv", "chunked"), ("lagkv", "one_shot"), ("streaming", "chunked"), ("random", "chunked"))
+        for r in (0.5, 0.25, 0.125)}
+    assert len(default_settings([0.5], one_shot_baselines=True)) == 7
+    with pytest.raises(ValueError, match="policy must be one of"):
+        Setting("h2o", "chunked", 0.5)
+    with pytest.raises(ValueError, match="pattern must be one of"):
+        Setting("lagkv", "twice", 0.5)
+    with pytest.raises(ValueError, match="ratio must be in"):
+        Setting("lagkv", "chunked", 0.0)
+    with pytest.raises(ValueError, match="full KV takes no"):
+        Setting(None, "chunked", 0.5)
+
+
+def prompt_batch(tok, examples):
+    """Two prompts of one length (one kind)."""
+    by_len = {}
+    for ex in examples:
+        ids, end = encode_prompt(tok, ex)
+        by_len.setdefault((len(ids), end), []).append(ids)
+    (n, end), rows = max(by_len.items(), key=lambda kv: len(kv[1]))
+    assert len(rows) >= 2
+    return torch.tensor(rows[:2]), end
+
+
+@pytest.mark.parametrize("policy", ["lagkv", "streaming", "random"])
+def test_chunked_answers_equal_compressed_generate(tok, tiny_lm, examples, policy):
+    ids, end = prompt_batch(tok, examples)
+    setting = Setting(policy, "chunked", 0.25)
+    tokens, fraction = greedy_answers(tiny_lm, ids, end, setting, LAG, 6, tok.eos_token_id)
+    ref_policy = RandomPolicy(seed=0) if policy == "random" else policy
+    ref = compressed_generate(tiny_lm, ids, LAG, policy=ref_policy, max_new_tokens=6, do_sample=False,
+                              eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)[:, ids.shape[1]:]
+    assert tokens.tolist() == ref[:, :tokens.shape[1]].tolist()
+    assert fraction == pytest.approx(LAG.retained_length(ids.shape[1]) / ids.shape[1])
+
+
+def test_full_and_one_shot_answers_equal_generate(tok, tiny_lm, examples):
+    ids, end = prompt_batch(tok, examples)
+    kw = dict(max_new_tokens=6, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+    tokens, fraction = greedy_answers(tiny_lm, ids, end, Setting(), LAG, 6, tok.eos_token_id)
+    assert tokens.tolist() == tiny_lm.generate(ids, **kw)[:, ids.shape[1]:].tolist() and fraction == 1.0
+    tokens, fraction = greedy_answers(tiny_lm, ids, end, Setting("lagkv", "one_shot", 0.25), LAG, 6,
+                                      tok.eos_token_id)
+    cache = LagKVCache(LAG, mode="one_shot")
+    with torch.no_grad():
+        tiny_lm(ids[:, :end], past_key_values=cache, use_cache=True)
+    assert cache.stored_lengths()[0] == LAG.retained_length(end) < end, "the context was compressed once"
+    ref = tiny_lm.generate(ids, past_key_values=cache, **kw)[:, ids.shape[1]:]
+    assert tokens.tolist() == ref.tolist()
+    n = ids.shape[1]
+    assert fraction == pytest.approx((LAG.retained_length(end) + n - end) / n)
+    with pytest.raises(ValueError, match="context_end must be in"):
+        greedy_answers(tiny_lm, ids, 0, Setting("lagkv", "one_shot", 0.25), LAG, 6, tok.eos_token_id)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        greedy_answers(tiny_lm, ids, end, Setting(), LAG, 0, tok.eos_token_id)
+
+
+def test_batched_evaluation_equals_one_at_a_time(tok, tiny_lm, examples):
+    settings = [Setting(), Setting("lagkv", "chunked", 0.5)]
+    batched = evaluate_model(tiny_lm, tok, examples, settings, LAG, batch_size=8, max_new_tokens=4, progress=False)
+    single = evaluate_model(tiny_lm, tok, examples, settings, LAG, batch_size=1, max_new_tokens=4, progress=False)
+    for a, b in zip(batched, single):
+        assert a["predictions"] == b["predictions"] and a["n"] == 8
+        assert a["kv_fraction"] == pytest.approx(b["kv_fraction"])
+    with pytest.raises(ValueError, match="batch_size"):
+        evaluate_model(tiny_lm, tok, examples, settings, LAG, batch_size=0)
+
+
+def test_parse_runs():
+    assert parse_runs(["full=a/b", "lrsa=c"]) == {"full": "a/b", "lrsa": "c"}
+    with pytest.raises(ValueError, match="NAME=RUN_DIR"):
+        parse_runs(["runs/full"])
+
+
+def test_tiny_experiment_end_to_end(tmp_path, tok):
+    """Train both modes (LRSA interrupted and resumed), evaluate base + both: every row of the table is filled."""
+    gen = QAGenerator(tok, QAConfig(context_tokens=192, n_facts=3), seed=0)
+    data = {s: str(write_jsonl(tmp_path / f"{s}.jsonl", gen.split(s, n))) for s, n in
+            (("train", 8), ("dev", 4), ("test", 6))}
+    common = ["--model", "tiny:0", "--train-data", data["train"], "--dev-data", data["dev"], "--out",
+              str(tmp_path / "runs"), "--steps", "3", "--batch-size", "2", "--eval-every", "2", "--sink-size", "8",
+              "--lag-size", "32", "--ratio", "0.25", "--precision", "fp32", "--no-progress"]
+    train_main(["--modes", "full", "lrsa", "--stop-after", "2"] + common)
+    assert not (tmp_path / "runs" / "lrsa" / "model.safetensors").exists()
+    train_main(["--modes", "full", "lrsa", "--resume"] + common)
+    results = main(["--data", data["test"], "--base", "tiny:0", "--run", f"full={tmp_path / 'runs' / 'full'}",
+                    "--run", f"lrsa={tmp_path / 'runs' / 'lrsa'}", "--sink-size", "8", "--lag-size", "32",
+                    "--batch-size", "4", "--max-new-tokens", "6", "--seed", "3", "--out", str(tmp_path / "results"),
+                    "--name", "tiny", "--no-progress"])
+    rows = results["rows"]
+    assert [(r["model"], r["setting"], r["ratio"]) for r in rows] == [
+        (m, s.name, s.ratio or 1.0) for m in ("base", "full", "lrsa") for s in default_settings()]
+    for r in rows:
+        assert r["n"] == 6 and len(r["predictions"]) == 6 and all(isinstance(p, str) for p in r["predictions"])
+        for k in ("exact_match", "f1", "contains"):
+            assert 0.0 <= r[k] <= 1.0
+        assert 0 < r["kv_fraction"] <= 1 and r["seconds"] > 0
+        assert (r["kv_fraction"] == 1.0) == (r["setting"] == "full")
+    assert results["command"].startswith("python -m lrsa_viz.evaluate --data")
+    assert results["seed"] == 3 and results["environment"]["torch"] == torch.__version__
+    assert results["environment"]["device"] == "cpu"
+    assert results["runs"]["lrsa"]["train_config"]["mode"] == "lrsa"
+    assert results["runs"]["lrsa"]["resumed_at_step"] == 2
+    table = list(csv.DictReader((tmp_path / "results" / "tiny.csv").open()))
+    assert len(table) == len(rows) == 39
+    assert all(v != "" for row in table for v in row.values())
+    assert table[0]["command"] == results["command"] and table[0]["torch"] == torch.__version__
+    curves = list(csv.DictReader((tmp_path / "results" / "tiny_curves.csv").open()))
+    assert [(c["run"], int(c["step"])) for c in curves] == [(m, s) for m in ("full", "lrsa") for s in (1, 2, 3)]
+    assert json.loads((tmp_path / "results" / "tiny.json").read_text())["rows"][0]["predictions"] == \
+        rows[0]["predictions"]

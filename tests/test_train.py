@@ -1,0 +1,166 @@
+"""Training: answer-only loss, deterministic data order, both modes, checkpoints and lossless resume (tiny model, CPU)."""
+import csv
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lrsa_viz.config import LagConfig
+from lrsa_viz.evaluate import Setting, greedy_answers
+from lrsa_viz.qa_data import IGNORE_INDEX, QAConfig, QAGenerator, collate, encode_example, load_tokenizer, write_jsonl
+from lrsa_viz.train import (TrainConfig, answer_loss_sums, answer_positions, check_attention, load_run, load_source,
+                            main, step_indices, train)
+
+LAG = LagConfig(sink_size=8, lag_size=32, ratio=0.25)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, tok):
+    root = tmp_path_factory.mktemp("qa")
+    gen = QAGenerator(tok, QAConfig(context_tokens=192, n_facts=3), seed=0)
+    return {split: str(write_jsonl(root / f"{split}.jsonl", gen.split(split, n)))
+            for split, n in (("train", 12), ("dev", 4))}
+
+
+def make_config(data, out, **kw):
+    base = dict(mode="lrsa", train_data=data["train"], dev_data=data["dev"], out_dir=str(out), model="tiny:0",
+                steps=4, batch_size=4, micro_batch_size=2, lr=3e-3, warmup_steps=1, eval_every=2, eval_examples=4,
+                lag=LAG.to_dict(), precision="fp32")
+    return TrainConfig(**{**base, **kw})
+
+
+def test_step_indices_are_seeded_epoch_permutations():
+    first = [i for s in range(3) for i in step_indices(9, 3, s, seed=1)]
+    assert sorted(first) == list(range(9)), "one epoch visits every example once"
+    assert step_indices(9, 3, 4, seed=1) == step_indices(9, 3, 4, seed=1)
+    assert [step_indices(9, 3, s, seed=2) for s in range(3)] != [step_indices(9, 3, s, seed=1) for s in range(3)]
+    with pytest.raises(ValueError, match="training set is empty"):
+        step_indices(0, 3, 0, 0)
+
+
+def test_answer_loss_equals_full_logits_cross_entropy(tok, data):
+    model, _ = load_source("tiny:0")
+    from lrsa_viz.qa_data import read_jsonl
+    feats = [encode_example(tok, ex) for ex in read_jsonl(data["train"])[:3]]
+    batch = collate(feats, tok.pad_token_id)
+    keep = answer_positions(batch["labels"])
+    starts = {len(f["input_ids"]) - 6 for f in feats}  # 4 answer digits + end of turn, predicted from len - 6 on
+    assert keep.tolist() == sorted({s + i for s in starts for i in range(5)})
+    with torch.no_grad():
+        loss_sum, n, correct = answer_loss_sums(model, batch)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    reference = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:],
+                                                  ignore_index=IGNORE_INDEX, reduction="sum")
+    assert int(n) == int((batch["labels"] != IGNORE_INDEX).sum()) == 15
+    assert abs(float(loss_sum) - float(reference)) < 1e-3 * float(reference)
+    assert int(correct) == 0  # a random model gets no answer right
+
+
+def test_teacher_forced_exact_match_is_greedy_exact_match(tok, data):
+    """A model trained to answer one example: its teacher-forced count equals what greedy decoding produces."""
+    from lrsa_viz.qa_data import encode_prompt, read_jsonl
+    model, _ = load_source("tiny:0")
+    exs = read_jsonl(data["train"])[:2]
+    feats = [encode_example(tok, ex) for ex in exs]
+    batch = collate(feats[:1], tok.pad_token_id)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(40):  # memorise example 0
+        loss_sum, n, _ = answer_loss_sums(model, batch)
+        (loss_sum / n).backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    for ex, f in zip(exs, feats):
+        with torch.no_grad():
+            _, _, correct = answer_loss_sums(model, collate([f], tok.pad_token_id))
+        ids = torch.tensor([encode_prompt(tok, ex)[0]])
+        tokens, _ = greedy_answers(model, ids, 0, Setting(), LAG, 6, tok.eos_token_id)
+        target = f["labels"][-5:]
+        assert bool(int(correct)) == (tokens[0, :5].tolist() == target)
+    assert int(answer_loss_sums(model, batch)[2]) == 1, "example 0 was memorised"
+
+
+def test_config_is_validated(data, tmp_path):
+    with pytest.raises(ValueError, match="mode must be one of"):
+        make_config(data, tmp_path, mode="sparse").check()
+    with pytest.raises(ValueError, match="micro_batch_size must be an integer in"):
+        make_config(data, tmp_path, micro_batch_size=8).check()
+    with pytest.raises(ValueError, match="lr must be a finite number > 0"):
+        make_config(data, tmp_path, lr=float("nan")).check()
+    with pytest.raises(ValueError, match="stop_after must be in"):
+        make_config(data, tmp_path, stop_after=9).check()
+    with pytest.raises(ValueError, match="ratio"):
+        make_config(data, tmp_path, lag={**LAG.to_dict(), "ratio": 0.0}).check()
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(make_config(data, tmp_path / "none"), resume=True, progress=False)
+
+
+def test_eager_attention_is_refused():
+    model, _ = load_source("tiny:0")
+    model.set_attn_implementation("eager")
+    with pytest.raises(ValueError, match="not allowed for training"):
+        check_attention(model)
+
+
+def test_modes_differ_only_in_attention(data, tmp_path):
+    """Same data, init, optimiser: step-1 losses differ because LRSA hides tokens; a rerun is identical."""
+    full = train(make_config(data, tmp_path / "full", mode="full", steps=2, eval_every=0), progress=False)
+    lrsa = train(make_config(data, tmp_path / "lrsa", steps=2, eval_every=0), progress=False)
+    again = train(make_config(data, tmp_path / "lrsa2", steps=2, eval_every=0), progress=False)
+    assert [r["train_loss"] for r in lrsa] == [r["train_loss"] for r in again]
+    assert abs(full[0]["train_loss"] - lrsa[0]["train_loss"]) > 1e-3
+    assert full[0]["tokens"] == lrsa[0]["tokens"]
+
+
+def test_resume_loses_no_step(data, tmp_path):
+    whole = train(make_config(data, tmp_path / "whole"), progress=False)
+    part = train(make_config(data, tmp_path / "part", stop_after=2), progress=False)
+    assert len(part) == 2 and not (tmp_path / "part" / "model.safetensors").exists()
+    state = json.loads((tmp_path / "part" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 2
+    resumed = train(make_config(data, tmp_path / "part"), resume=True, progress=False)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(whole, resumed):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6, abs=1e-7)
+        assert a["lr"] == b["lr"] and a["tokens"] == b["tokens"]
+        assert (a.get("dev_loss") is None) == (b.get("dev_loss") is None)
+    w1, w2 = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "part" / "model.safetensors")
+    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-5
+    with pytest.raises(ValueError, match="another configuration"):
+        train(make_config(data, tmp_path / "part", lr=1e-3), resume=True, progress=False)
+
+
+def test_run_files(data, tmp_path):
+    history = train(make_config(data, tmp_path / "run"), progress=False)
+    run = tmp_path / "run"
+    assert json.loads((run / "lag_config.json").read_text()) == LAG.to_dict()
+    assert json.loads((run / "checkpoint" / "lag_config.json").read_text()) == LAG.to_dict()
+    assert {p.name for p in (run / "checkpoint").iterdir()} >= {"model.safetensors", "optimizer.bin",
+                                                               "scheduler.bin", "trainer_state.json"}
+    rows = list(csv.DictReader((run / "loss_curve.csv").open()))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    assert [r["dev_loss"] != "" for r in rows] == [False, True, False, True]
+    assert history[-1]["train_loss"] < history[0]["train_loss"], "a few steps at lr 3e-3 lower the loss"
+    info = json.loads((run / "run_info.json").read_text())
+    assert info["environment"]["torch"] == torch.__version__
+    model, _, cfg = load_run(run)
+    trained = load_file(run / "model.safetensors")
+    assert torch.equal(model.state_dict()["model.embed_tokens.weight"], trained["model.embed_tokens.weight"])
+    assert cfg.mode == "lrsa" and model.config._attn_implementation == "sdpa"
+
+
+def test_cli_trains_both_modes(data, tmp_path):
+    main(["--modes", "full", "lrsa", "--model", "tiny:0", "--train-data", data["train"], "--out", str(tmp_path),
+          "--steps", "2", "--batch-size", "2", "--sink-size", "8", "--lag-size", "32", "--ratio", "0.25",
+          "--precision", "fp32", "--no-progress"])
+    for mode in ("full", "lrsa"):
+        info = json.loads((tmp_path / mode / "run_info.json").read_text())
+        assert info["command"].startswith("python -m lrsa_viz.train --modes full lrsa")
+        assert json.loads((tmp_path / mode / "train_config.json").read_text())["mode"] == mode
+    assert (tmp_path / "lrsa" / "lag_config.json").exists() and not (tmp_path / "full" / "lag_config.json").exists()
