@@ -274,6 +274,84 @@ def bench_variants(seq_lens, tokens, cfg) -> list[dict]:
     return rows
 
 
+def profile_summary(prof, wall_s: float, steps: int) -> dict:
+    """Per step: wall time, summed kernel time (GPU busy fraction), host syncs, top ops by device and by CPU time."""
+    from torch.autograd import DeviceType
+    device_total = sum(e.device_time_total for e in prof.events() if e.device_type == DeviceType.CUDA) / 1e6
+    events = prof.key_averages()
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    cpu_ops = [e for e in events if e.device_type == DeviceType.CPU]
+    syncs = sum(e.count for e in cpu_ops if e.key in ("aten::_local_scalar_dense", "cudaStreamSynchronize",
+                                                       "cudaDeviceSynchronize"))
+    top = lambda evs, attr: [{"name": e.key[:100], "ms_per_step": getattr(e, attr) / 1e3 / steps,  # noqa: E731
+                              "calls_per_step": e.count / steps} for e in sorted(evs, key=lambda e: -getattr(e, attr))[:10]]
+    return {"wall_s_per_step": wall_s / steps, "kernel_s_per_step": device_total / steps,
+            "gpu_busy_fraction": device_total / wall_s, "host_syncs_per_step": syncs / steps,
+            "top_kernels": top(kernels, "device_time_total"), "top_cpu_ops": top(cpu_ops, "self_cpu_time_total")}
+
+
+def profiled(fn, steps: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    return profile_summary(prof, wall, steps)
+
+
+def profile_training(n, batch, cfg) -> dict:
+    """torch.profiler of one training step, dense SDPA vs fast LRSA: where the step's time goes."""
+    model = smollm2_model().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    ids = torch.randint(0, SMOLLM2["vocab_size"], (batch, n), device="cuda")
+
+    def step():
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    out = {"n": n, "batch": batch}
+    for mode in ("dense_sdpa", "fast_lrsa"):
+        enable_lrsa(model, cfg, backend="flex") if mode == "fast_lrsa" else disable_lrsa(model)
+        for _ in range(2):
+            step()
+        out[mode] = profiled(step, 1)
+        log(f"  profile train n={n} {mode}: wall {out[mode]['wall_s_per_step']:.3f} s, busy {out[mode]['gpu_busy_fraction']:.2f}, syncs {out[mode]['host_syncs_per_step']}")
+    disable_lrsa(model)
+    return out
+
+
+def profile_decode(prompt_len, batch, cfg, steps=16) -> dict:
+    """torch.profiler of decode steps, full DynamicCache (SDPA) vs compressed LagKVCache (LRSA model)."""
+    from transformers import DynamicCache
+    model = smollm2_model().eval()
+    ids = torch.randint(0, SMOLLM2["vocab_size"], (batch, prompt_len), device="cuda")
+    out = {"prompt_len": prompt_len, "batch": batch}
+    for mode in ("full_cache_sdpa", "lagkv_cache_fast_lrsa"):
+        if mode == "full_cache_sdpa":
+            disable_lrsa(model)
+            cache = DynamicCache(config=model.config)
+        else:
+            enable_lrsa(model, cfg, backend="flex")
+            cache = LagKVCache(cfg)
+        with torch.no_grad():
+            tok = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+            state = {"tok": tok}
+
+            def step():
+                state["tok"] = model(input_ids=state["tok"], past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+
+            for _ in range(4):
+                step()
+            out[mode] = profiled(step, steps)
+        log(f"  profile decode b={batch} {mode}: wall/step {out[mode]['wall_s_per_step'] * 1e3:.1f} ms, busy {out[mode]['gpu_busy_fraction']:.2f}, syncs {out[mode]['host_syncs_per_step']}")
+    disable_lrsa(model)
+    return out
+
+
 # --------------------------------------------------------------------------------------------------------- training
 def smollm2_model():
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -395,13 +473,25 @@ def bench_inference(prompt_len, batches, cfg, new_tokens) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------------------- main
+def git_commit() -> str | None:
+    """The repository's HEAD commit (and '+dirty' with uncommitted changes), or None outside a git checkout."""
+    import subprocess
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
+        return head + ("+dirty" if dirty.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="data/results/bench_lrsa.json")
     ap.add_argument("--seq-lens", default="8192,16384,32768,65536,131072")
     ap.add_argument("--ratios", default="0.25,0.125")
     ap.add_argument("--tokens", type=int, default=262144, help="tokens per attention batch: batch = tokens // N")
-    ap.add_argument("--sections", default="correctness,attention,profile,training,inference")
+    ap.add_argument("--sections", default="correctness,attention,profile,training,inference,profile_training,"
+                                          "profile_decode")
     ap.add_argument("--train-cases", default="8192x4,32768x1", help="NxBATCH of the training-step cases")
     ap.add_argument("--prompt-len", type=int, default=16384)
     ap.add_argument("--decode-batches", default="1,16")
@@ -418,7 +508,7 @@ def main(argv=None) -> int:
     ratios = [float(r) for r in args.ratios.split(",")]
     sections = args.sections.split(",")
     result = {"command": "PYTHONPATH=. python3 " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-              "environment": environment_record(), "gpu": torch.cuda.get_device_name(0),
+              "environment": environment_record(), "gpu": torch.cuda.get_device_name(0), "git_commit": git_commit(),
               "shapes": {"heads_q": HEADS_Q, "heads_kv": HEADS_KV, "head_dim": HEAD_DIM, "dtype": "bfloat16"},
               "lag_config": {"sink_size": 16, "lag_size": 128, "ratios": ratios},
               "tolerance": {"rule": "relative L2 error vs float32 reference <= rel_tol and <= factor * (bf16 reference "
@@ -439,6 +529,8 @@ def main(argv=None) -> int:
         "attention": lambda: bench_attention([int(s) for s in args.seq_lens.split(",")], ratios, args.tokens, peak),
         "variants": lambda: bench_variants([8192, 32768], args.tokens, LagConfig(16, 128, ratios[0])),
         "profile": lambda: [profile_fast(n, args.tokens, LagConfig(16, 128, ratios[0])) for n in (8192, 32768)],
+        "profile_training": lambda: profile_training(8192, 4, LagConfig(16, 128, ratios[0])),
+        "profile_decode": lambda: profile_decode(args.prompt_len, 16, LagConfig(16, 128, ratios[0])),
         "training": lambda: bench_training([tuple(int(x) for x in c.split("x")) for c in args.train_cases.split(",")],
                                            LagConfig(16, 128, ratios[0])),
         "inference": lambda: bench_inference(args.prompt_len, [int(b) for b in args.decode_batches.split(",")],

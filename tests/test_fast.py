@@ -128,6 +128,22 @@ def test_layout_gradients_match_reference(cfg, n, bs):
     assert want[1][0, 0, kept].abs().sum() > 0
 
 
+def test_layout_keeps_no_copy_of_the_keys_for_backward():
+    """Building the buffers saves only integer indices for backward: the post-RoPE K/V are not kept alive."""
+    cfg = LagConfig(4, 16, 0.25)
+    _, k, v = (t.requires_grad_() for t in random_qkv(150))
+    layout = LrsaLayout.of(150, cfg)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        kb, vb = layout_kv(k, v, compact_positions(k.detach(), v.detach(), cfg), layout)
+    assert saved and all(not t.is_floating_point() for t in saved)
+    (kb.sum() + 2 * vb.sum()).backward()
+    copies = torch.ones(150)
+    copies[lagkv_keep_indices(k, v, cfg)[0, 0, : layout.compact]] += 1  # kept tokens appear twice (S excluded below)
+    copies[: cfg.sink_size] = 1  # the sink is only in the compact region
+    assert torch.equal(k.grad[0, 0, :, 0], copies) and torch.equal(v.grad[0, 0, :, 0], 2 * copies)
+
+
 def test_flex_backward_on_cpu_is_a_clear_error():
     q, k, v = (t.requires_grad_() for t in random_qkv(150))
     with pytest.raises(ValueError, match="backend='reference'"):

@@ -174,6 +174,23 @@ def lrsa_block_mask(layout: LrsaLayout, device: torch.device | str) -> BlockMask
     return _cached_block_mask(layout, str(device))
 
 
+class GatherTokens(torch.autograd.Function):
+    """``x.gather(2, index)`` whose backward keeps only the index (torch's gather saves all of ``x`` for its
+    backward, which would keep every layer's post-RoPE K and V alive until the backward pass: +N tokens of K/V
+    per layer in training, measured +0.89 GiB at 8k x 4 on SmolLM2 shapes). Backward: scatter-add into zeros."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.x_shape = x.shape
+        return x.gather(2, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.x_shape).scatter_add_(2, index, grad), None
+
+
 def layout_kv(key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor, layout: LrsaLayout):
     """Build the key and value buffers of the layout (differentiable: gradients flow back to ``key``/``value``).
 
@@ -194,7 +211,8 @@ def layout_kv(key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor, l
 
     def build(x: torch.Tensor) -> torch.Tensor:
         return torch.cat(
-            [x.gather(2, index), x.new_zeros(b, h, gap, d), x[:, :, layout.sink:], x.new_zeros(b, h, tail, d)], dim=2
+            [GatherTokens.apply(x, index), x.new_zeros(b, h, gap, d), x[:, :, layout.sink:], x.new_zeros(b, h, tail, d)],
+            dim=2,
         )
 
     return build(key), build(value)
