@@ -115,9 +115,12 @@ def make_mask_mod(params: torch.Tensor):
     return lrsa_compact_mask
 
 
-def block_classes(layout: LrsaLayout, device: torch.device | str = "cpu", rows_per_chunk: int = 8192):
+def block_classes(layout: LrsaLayout, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Classify every (query block, key block) tile as empty, partial or full, exactly, from the intervals.
 
+    Every key block lies wholly in the compact region or wholly in the full region (C_pad is a multiple of BLOCK),
+    so only one interval matters per tile, and because the interval ends never decrease with q, the first and last
+    query row of a block decide: O(n_q_blocks * n_kv_blocks) work, no per-element mask.
     Returns:
         (partial, full): bool [n_q_blocks, n_kv_blocks]. A tile is full when every query row of it sees every
         key of it, partial when some but not all (query, key) pairs are visible, empty otherwise.
@@ -125,22 +128,24 @@ def block_classes(layout: LrsaLayout, device: torch.device | str = "cpu", rows_p
     bs, n = layout.block_size, layout.seq_len
     n_q, n_kv = math.ceil(n / bs), math.ceil(layout.kv_len / bs)
     params = layout.params(device).long()
-    starts = torch.arange(n_kv, device=device) * bs
-    ends = torch.clamp(starts + bs, max=layout.kv_len)
-    partial, full = [], []
-    q_blocks_per_chunk = max(1, rows_per_chunk // bs)
-    for first in range(0, n_q, q_blocks_per_chunk):
-        blocks = min(q_blocks_per_chunk, n_q - first)
-        # rows past N repeat the last row: min/max over a block are unchanged
-        q = torch.clamp(torch.arange(first * bs, (first + blocks) * bs, device=device), max=n - 1)[:, None]
-        a, lo, hi = visible_bounds(q, params)
-        count = (torch.minimum(a, ends) - starts).clamp(min=0)
-        count += (torch.minimum(hi + 1, ends) - torch.maximum(lo, starts)).clamp(min=0)
-        count = count.view(blocks, bs, n_kv)
-        is_full = (count.amin(dim=1) == (ends - starts))
-        partial.append((count.amax(dim=1) > 0) & ~is_full)
-        full.append(is_full)
-    return torch.cat(partial), torch.cat(full)
+    first = torch.arange(n_q, device=device)[:, None] * bs  # first query row of each block
+    last = torch.clamp(first + bs - 1, max=n - 1)  # last real row
+    s = torch.arange(n_kv, device=device)[None, :] * bs  # key block [s, e]
+    e = torch.clamp(s + bs, max=layout.kv_len) - 1
+    a_first, b_first, c_first = visible_bounds(first, params)
+    a_last, b_last, _ = visible_bounds(last, params)
+    in_full_region = s >= layout.compact_padded
+    # compact region, interval [0, a): a grows with q
+    full_compact = a_first > e
+    any_compact = a_last > s
+    # full region, interval [b, c]: b and c grow with q; the first row reaching key s (c(q) >= s) has the smallest b
+    full_full = (b_last <= s) & (c_first >= e)
+    q_star = torch.maximum(first, s - layout.compact_padded + layout.sink)  # c(q*) = s
+    b_star = visible_bounds(q_star, params)[1]
+    any_full = (q_star <= last) & (b_star <= e)
+    full = torch.where(in_full_region, full_full, full_compact)
+    visible = torch.where(in_full_region, any_full, any_compact)
+    return visible & ~full, full
 
 
 def _to_indices(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,74 @@
+"""A small live attention benchmark (CUDA): fast LRSA against dense SDPA, in the format of bench_lrsa's JSON."""
+from __future__ import annotations
+
+import statistics
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..config import LagConfig
+from .cost import attention_flops, dense_causal_pairs, lrsa_visible_pairs
+from .kernel import fast_lrsa_attention
+
+
+def cuda_median_time(fn: Callable[[], object], reps: int = 5, warmup: int = 2) -> float:
+    """Median seconds of ``fn()`` on the current CUDA device, timed with CUDA events after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def live_attention_benchmark(seq_lens: Sequence[int], ratios: Sequence[float] = (0.25,), tokens: int = 65536,
+                             heads_q: int = 9, heads_kv: int = 3, head_dim: int = 64, peak_flops: float = 7.7e14,
+                             progress: bool = True) -> dict:
+    """Forward and forward+backward time of dense causal SDPA (PyTorch's default backend) and fast LRSA, bf16.
+
+    Args:
+        seq_lens: the N to time; batch = max(1, tokens // N). ratios: LRSA ratios (sink 16, lag 128).
+        peak_flops: the matmul rate used for the FLOP-count bound (default: 770 TFLOP/s, measured on an H200).
+    Returns:
+        ``{"gpu", "attention": [rows]}`` shaped like ``benchmarks/bench_lrsa.py``'s output, for the same figures.
+    """
+    if not torch.cuda.is_available():
+        raise RuntimeError("live_attention_benchmark needs a CUDA GPU (see the committed JSON otherwise)")
+    rows = []
+    for n in tqdm(list(seq_lens), desc="live benchmark", disable=not progress):
+        batch = max(1, tokens // n)
+        q, k, v = (torch.randn(batch, h, n, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                   for h in (heads_q, heads_kv, heads_kv))
+        grad = torch.randn_like(q)
+
+        def passes(attend):
+            def fwd():
+                with torch.no_grad():
+                    attend()
+
+            def fwd_bwd():
+                torch.autograd.grad(attend(), (q, k, v), grad)
+
+            return {p: {"median_s": cuda_median_time(f)} for p, f in (("fwd", fwd), ("fwd_bwd", fwd_bwd))}
+
+        dense = passes(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+        row = {"n": n, "batch": batch, "dense": {"sdpa_default": dense}, "lrsa": {},
+               "dense_bound_s": {p: attention_flops(dense_causal_pairs(n), heads_q, head_dim, p == "fwd_bwd")
+                                 * batch / peak_flops for p in ("fwd", "fwd_bwd")}}
+        for ratio in ratios:
+            cfg = LagConfig(16, 128, ratio)
+            t = passes(lambda: fast_lrsa_attention(q, k, v, cfg))
+            pairs = lrsa_visible_pairs(n, cfg)
+            t["bound_s"] = {p: attention_flops(pairs, heads_q, head_dim, p == "fwd_bwd") * batch / peak_flops
+                            for p in ("fwd", "fwd_bwd")}
+            t["speedup_vs_fastest_dense"] = {p: dense[p]["median_s"] / t[p]["median_s"] for p in ("fwd", "fwd_bwd")}
+            row["lrsa"][str(ratio)] = t
+        rows.append(row)
+    return {"gpu": torch.cuda.get_device_name(0), "environment": {"torch": torch.__version__}, "attention": rows}
