@@ -40,7 +40,7 @@ from .cache import LagKVCache
 from .config import LagConfig
 from .policies import RandomPolicy, make_policy
 from .prefill import prefill_chunks
-from .qa_data import encode_prompt, load_examples
+from .qa_data import encode_prompts, load_examples
 
 POLICY_NAMES = ("lagkv", "streaming", "random")
 PATTERNS = ("chunked", "one_shot")
@@ -192,8 +192,7 @@ def decode_answer(tokenizer, tokens: Sequence[int]) -> str:
 def group_prompts(tokenizer, examples: Sequence[dict]) -> dict[tuple[int, int], list[tuple[int, list[int]]]]:
     """Examples grouped by (prompt length, context_end): {key: [(example index, prompt ids), ...]}."""
     groups: dict[tuple[int, int], list[tuple[int, list[int]]]] = defaultdict(list)
-    for i, ex in enumerate(examples):
-        ids, context_end = encode_prompt(tokenizer, ex)
+    for i, (ids, context_end) in enumerate(encode_prompts(tokenizer, examples)):
         groups[(len(ids), context_end)].append((i, ids))
     return dict(groups)
 
@@ -353,6 +352,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto", help="auto: bf16 on CUDA")
     p.add_argument("--out", default="data/results")
     p.add_argument("--name", default="finetune")
+    p.add_argument("--experiment", default=None, help="the command that ran the whole experiment, to record")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
@@ -382,6 +382,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                           progress=not a.no_progress)
     results = {
         "command": "python -m lrsa_viz.evaluate " + shlex.join(sys.argv[1:] if argv is None else list(argv)),
+        "experiment": a.experiment,
         "seed": a.seed,
         "environment": environment_record(),
         "dtype": str(dtype).replace("torch.", ""),

@@ -319,26 +319,46 @@ def check_example(ex: object, where: str) -> dict:
 
 
 def read_jsonl(path: str | Path, limit: int | None = None) -> list[dict]:
-    """Read examples from a JSONL file; blank lines are skipped.
+    """Read examples from a JSONL file (UTF-8, an optional byte-order mark); blank lines are skipped.
 
     Raises:
-        ValueError naming the file and line number for a line that is not JSON or lacks context/question/answer.
+        ValueError naming the file and the line number of EVERY malformed line (up to 20 listed): a line that is
+        not UTF-8, not JSON, or lacks non-empty string context/question/answer. Nothing is returned then, so no
+        example is silently dropped.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"path: {path} is not a file")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit must be an integer >= 0 or None, got {limit!r}")
     out: list[dict] = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    problems: list[str] = []
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
             if limit is not None and len(out) >= limit:
                 break
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                problems.append(f"{path}, line {number}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at byte "
+                                f"{err.start + 1} of the line)")
+                continue
             if not line.strip():
                 continue
             try:
-                ex = json.loads(line)
+                ex = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg} at column {err.colno})") from None
-            out.append(check_example(ex, f"{path}, line {number}"))
+                problems.append(f"{path}, line {number}: not valid JSON ({err.msg} at column {err.pos + 1})")
+                continue
+            try:
+                out.append(check_example(ex, f"{path}, line {number}"))
+            except ValueError as err:
+                problems.append(str(err))
+    if len(problems) == 1:
+        raise ValueError(problems[0])
+    if problems:
+        listed = "\n".join(problems[:20]) + (f"\n... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise ValueError(f"{len(problems)} malformed line(s), nothing loaded; fix them and load again:\n{listed}")
     return out
 
 
@@ -381,6 +401,30 @@ def prompt_text(tokenizer, example: dict) -> str:
                                          add_generation_prompt=True)
 
 
+def _batch_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of many texts in one tokenizer call (a fast tokenizer spreads it over the CPU cores)."""
+    return tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def encode_prompts(tokenizer, examples: Sequence[dict]) -> list[tuple[list[int], int]]:
+    """`encode_prompt` of many examples, tokenized in two batched calls."""
+    texts = [prompt_text(tokenizer, ex) for ex in examples]
+    cuts = [text.index(ex["context"]) + len(ex["context"]) for text, ex in zip(texts, examples)]
+    ids = _batch_ids(tokenizer, texts)
+    prefixes = _batch_ids(tokenizer, [text[:cut] for text, cut in zip(texts, cuts)])
+    # context_end: tokens shared by the prefix and the prompt (all of the prefix unless a merge crosses the boundary)
+    return [(i, _common_prefix(p, i)) for i, p in zip(ids, prefixes)]
+
+
 def encode_prompt(tokenizer, example: dict) -> tuple[list[int], int]:
     """Token ids of the prompt and the length of its prefix that ends with the context.
 
@@ -388,16 +432,7 @@ def encode_prompt(tokenizer, example: dict) -> tuple[list[int], int]:
         (prompt ids [N], context_end): ``ids[:context_end]`` is the chat header plus the document; the rest is the
         question and the assistant header. One-shot compression of the context compresses ``ids[:context_end]``.
     """
-    text = prompt_text(tokenizer, example)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    cut = text.index(example["context"]) + len(example["context"])
-    prefix = tokenizer(text[:cut], add_special_tokens=False)["input_ids"]
-    common = 0  # tokens shared by the prefix and the prompt (all of them unless a merge crosses the boundary)
-    for a, b in zip(prefix, ids):
-        if a != b:
-            break
-        common += 1
-    return ids, common
+    return encode_prompts(tokenizer, [example])[0]
 
 
 def encode_target(tokenizer, answer: str) -> list[int]:
@@ -407,11 +442,18 @@ def encode_target(tokenizer, answer: str) -> list[int]:
     return tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
+def encode_examples(tokenizer, examples: Sequence[dict]) -> list[dict]:
+    """Training features of many examples (batched tokenization): see `encode_example`."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("tokenizer: needs an eos_token (the end-of-turn token) to mark the end of the answer")
+    prompts = _batch_ids(tokenizer, [prompt_text(tokenizer, ex) for ex in examples])
+    targets = [t + [tokenizer.eos_token_id] for t in _batch_ids(tokenizer, [ex["answer"] for ex in examples])]
+    return [{"input_ids": p + t, "labels": [IGNORE_INDEX] * len(p) + t} for p, t in zip(prompts, targets)]
+
+
 def encode_example(tokenizer, example: dict) -> dict:
     """Training features: ``input_ids`` (prompt + target) and ``labels`` (-100 on the prompt, ids on the target)."""
-    prompt, _ = encode_prompt(tokenizer, example)
-    target = encode_target(tokenizer, example["answer"])
-    return {"input_ids": prompt + target, "labels": [IGNORE_INDEX] * len(prompt) + target}
+    return encode_examples(tokenizer, [example])[0]
 
 
 def collate(features: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from .attention import enable_lrsa
 from .config import LagConfig
-from .qa_data import IGNORE_INDEX, collate, encode_example, load_examples, load_tokenizer
+from .qa_data import IGNORE_INDEX, collate, encode_examples, load_examples, load_tokenizer
 
 MODES = ("full", "lrsa")
 TINY_PREFIX = "tiny"  # model source "tiny" or "tiny:SEED": the tiny random Llama with the default tokenizer's vocab
@@ -61,6 +61,7 @@ class TrainConfig:
         precision: "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" or "fp32".
         max_train_examples: read at most this many training examples (None: all).
         train_split, dev_split: split names when the data is a DatasetDict directory (ignored for JSONL).
+        lrsa_backend: passed to `enable_lrsa` ("auto", "reference": dense mask, "flex").
     """
 
     mode: str
@@ -85,6 +86,7 @@ class TrainConfig:
     max_train_examples: int | None = None
     train_split: str = "train"
     dev_split: str = "validation"
+    lrsa_backend: str = "auto"
 
     def check(self) -> "TrainConfig":
         if self.mode not in MODES:
@@ -105,6 +107,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
         if not isinstance(self.weight_decay, (int, float)) or not 0 <= self.weight_decay < 1:
             raise ValueError(f"weight_decay must be in [0, 1), got {self.weight_decay!r}")
+        if self.lrsa_backend not in ("auto", "reference", "flex"):
+            raise ValueError(f"lrsa_backend must be 'auto', 'reference' or 'flex', got {self.lrsa_backend!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
         LagConfig.from_dict(self.lag)  # validates
@@ -266,15 +270,15 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, comm
 
     model, tokenizer = load_source(config.model, device=accelerator.device, dtype=torch.float32)
     if config.mode == "lrsa":
-        enable_lrsa(model, config.lag_config)
+        enable_lrsa(model, config.lag_config, backend=config.lrsa_backend)
     check_attention(model)
     model.train()
     train_examples = load_examples(config.train_data, split=config.train_split, limit=config.max_train_examples)
-    features = [encode_example(tokenizer, ex) for ex in train_examples]
+    features = encode_examples(tokenizer, train_examples)
     dev_features = []
     if config.dev_data:
-        dev_features = [encode_example(tokenizer, ex)
-                        for ex in load_examples(config.dev_data, split=config.dev_split, limit=config.eval_examples)]
+        dev_features = encode_examples(
+            tokenizer, load_examples(config.dev_data, split=config.dev_split, limit=config.eval_examples))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -364,6 +368,11 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, comm
                                                       if "dev_exact_match" in row else {}))
         if done or (config.save_every and (step + 1) % config.save_every == 0):
             save_checkpoint(step + 1)
+    if accelerator.is_main_process:
+        if torch.cuda.is_available():
+            info["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        info["train_seconds"] = history[-1]["elapsed_s"] if history else 0.0
+        (out / "run_info.json").write_text(json.dumps(info, indent=1))
     if last == config.steps and accelerator.is_main_process:
         save_model(accelerator.unwrap_model(model), str(out / "model.safetensors"))
         write_curve(out / "loss_curve.csv", history)
@@ -400,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     p.add_argument("--train-split", default="train", help="split name for a DatasetDict directory")
     p.add_argument("--dev-split", default="validation", help="split name for a DatasetDict directory")
+    p.add_argument("--lrsa-backend", default="auto", help="LRSA attention backend: auto, reference (dense mask), flex")
     lag = LagConfig()
     p.add_argument("--sink-size", type=int, default=lag.sink_size)
     p.add_argument("--lag-size", type=int, default=lag.lag_size)
@@ -414,7 +424,7 @@ def configs_from_args(a: argparse.Namespace) -> list[TrainConfig]:
     shared = {k: getattr(a, k) for k in ("steps", "batch_size", "micro_batch_size", "lr", "weight_decay",
                                           "warmup_steps", "max_grad_norm", "seed", "eval_every", "eval_examples",
                                           "save_every", "stop_after", "precision", "max_train_examples",
-                                          "train_split", "dev_split")}
+                                          "train_split", "dev_split", "lrsa_backend")}
     return [TrainConfig(mode=m, train_data=a.train_data, dev_data=a.dev_data, model=a.model,
                         out_dir=str(Path(a.out) / m), lag=lag, **shared).check() for m in a.modes]
 

@@ -2,6 +2,7 @@
 batching, and the whole tiny experiment (train both modes + resume + evaluate) giving a complete table."""
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from lrsa_viz.train import load_source
 from lrsa_viz.train import main as train_main
 
 LAG = LagConfig(sink_size=8, lag_size=32, ratio=0.25)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -155,3 +157,33 @@ def test_tiny_experiment_end_to_end(tmp_path, tok):
     assert [(c["run"], int(c["step"])) for c in curves] == [(m, s) for m in ("full", "lrsa") for s in (1, 2, 3)]
     assert json.loads((tmp_path / "results" / "tiny.json").read_text())["rows"][0]["predictions"] == \
         rows[0]["predictions"]
+
+
+def test_train_and_evaluate_do_not_need_plotly():
+    """The GPU image has no plotly: the experiment's modules must import without it."""
+    import subprocess
+    import sys
+    code = "import sys; sys.modules['plotly'] = None; import lrsa_viz.qa_data, lrsa_viz.train, lrsa_viz.evaluate"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_gpu_script_runs_end_to_end_on_cpu(tmp_path, examples):
+    """scripts/gpu_finetune.sh with the tiny model and minimal sizes: every flag it passes is accepted, and it
+    writes the table, the curves and the log."""
+    import os
+    import subprocess
+    import sys
+    short = str(write_jsonl(tmp_path / "short.jsonl", examples[:2]))  # 192-token documents: a fast evaluation
+    env = {**os.environ, "PYTHON": sys.executable, "MODEL": "tiny:0", "TRAIN_N": "4", "STEPS": "2", "BATCH": "2",
+           "MICRO": "1", "CONTEXT": "256", "EVAL_EVERY": "1", "EVAL_BATCH": "2", "WORKERS": "1", "SINK": "8",
+           "LAG": "32", "DEV_DATA": short, "TEST_DATA": short, "TEST_LIMIT": "2", "LRSA_BACKEND": "auto",
+           "LRSA_VIZ_WORK": str(tmp_path / "work"), "TQDM_DISABLE": "1"}
+    subprocess.run(["bash", "scripts/gpu_finetune.sh", str(tmp_path / "out")], check=True, cwd=ROOT, env=env,
+                   stdout=subprocess.DEVNULL)
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "finetune_smollm2.csv", "finetune_smollm2.json", "finetune_smollm2.log", "finetune_smollm2_curves.csv"]
+    results = json.loads((out / "finetune_smollm2.json").read_text())
+    assert len(results["rows"]) == 39 and results["data"]["n"] == 2
+    assert results["experiment"].startswith("TRAIN_N=4 STEPS=2")
+    assert "done:" in (out / "finetune_smollm2.log").read_text()
