@@ -287,3 +287,32 @@ def test_cuda_model_training_step_matches_reference(tiny):
         grads[backend] = model.model.layers[0].self_attn.k_proj.weight.grad.float()
     err = ((grads["flex"] - grads["reference"]).norm() / grads["reference"].norm()).item()
     assert err <= 2e-2, err
+
+
+# ------------------------------------------------------------------------------------------- figures and results
+def test_figures_from_the_committed_benchmark():
+    from pathlib import Path
+
+    import plotly.graph_objects as go
+
+    from lrsa_viz.fast.figures import (cost_model_figure, load_benchmark, measured_attention_figure, speedup_figure,
+                                       speedup_table)
+    bench = load_benchmark(Path(__file__).resolve().parents[1] / "data" / "results" / "bench_lrsa_h200.json")
+    assert "H200" in bench["gpu"] and bench["environment"]["torch"] and bench["command"].startswith("PYTHONPATH=.")
+    assert all(c["passed"] and c["mismatched_positions"] == 0 for c in bench["correctness"]["attention"])
+    table = speedup_table(bench)
+    assert {r["n"] for r in table} == {8192, 16384, 32768, 65536, 131072}
+    assert [r["target"] for r in table if r["target"]] == [1.8, 3.0]
+    for fig in (cost_model_figure([1024, 4096]), measured_attention_figure(bench), speedup_figure(bench)):
+        assert isinstance(fig, go.Figure) and len(fig.data) >= 3
+    with pytest.raises(ValueError, match="which"):
+        measured_attention_figure(bench, "backward")
+    with pytest.raises(FileNotFoundError, match="bench_lrsa"):
+        load_benchmark("no/such/file.json")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error message")
+def test_live_benchmark_needs_cuda():
+    from lrsa_viz.fast.timing import live_attention_benchmark
+    with pytest.raises(RuntimeError, match="CUDA"):
+        live_attention_benchmark([8192])
