@@ -33,7 +33,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .attention import enable_lrsa
+from .attention import check_right_padding, enable_lrsa
 from .config import LagConfig
 from .qa_data import IGNORE_INDEX, collate, encode_examples, load_examples, load_tokenizer
 
@@ -169,15 +169,19 @@ def answer_loss_sums(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tenso
     """Summed cross-entropy over answer tokens, their count, and how many rows got every answer token right.
 
     Args:
-        batch: from `collate` (on the model's device): input_ids, attention_mask, labels, each [B, T].
+        batch: from `collate` (on the model's device): input_ids, attention_mask, labels, each [B, T]; right-padded
+            (ValueError otherwise).
     Returns:
         (loss_sum [] float32, n_tokens [] long, n_rows_all_correct [] long). The last is greedy exact match under
         teacher forcing: greedy decoding reproduces the target iff every answer token is the argmax.
     """
     labels = batch["labels"]
     keep = answer_positions(labels)
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep,
-                use_cache=False)
+    check_right_padding(batch["attention_mask"])
+    # Right padding + causal attention: no real token ever sees a pad, and the LRSA selections a real token sees
+    # come from partitions (and references) made of real tokens only. So the padding mask changes nothing the loss
+    # reads (tested); leaving it out lets SDPA use its causal kernels and LRSA its fast (flex) path.
+    out = model(input_ids=batch["input_ids"], logits_to_keep=keep, use_cache=False)
     logits = out.logits.float()  # [B, K, V]
     target = labels[:, keep + 1]  # [B, K]
     loss_sum = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE_INDEX,

@@ -1,4 +1,5 @@
 """Training: answer-only loss, deterministic data order, both modes, checkpoints and lossless resume (tiny model, CPU)."""
+import contextlib
 import csv
 import json
 
@@ -60,6 +61,31 @@ def test_answer_loss_equals_full_logits_cross_entropy(tok, data):
     assert int(n) == int((batch["labels"] != IGNORE_INDEX).sum()) == 15
     assert abs(float(loss_sum) - float(reference)) < 1e-3 * float(reference)
     assert int(correct) == 0  # a random model gets no answer right
+
+
+@pytest.mark.parametrize("mode", ["full", "lrsa"])
+def test_padding_mask_changes_nothing_the_loss_reads(tok, data, mode):
+    """answer_loss_sums leaves the padding mask out: right padding + causal attention hides pads anyway."""
+    from lrsa_viz import lrsa
+    from lrsa_viz.qa_data import read_jsonl
+    model, _ = load_source("tiny:0")
+    exs = read_jsonl(data["train"])
+    feats = [encode_example(tok, ex) for ex in exs]
+    lengths = [len(f["input_ids"]) for f in feats]
+    pair = [feats[lengths.index(min(lengths))], feats[lengths.index(max(lengths))]]
+    assert min(lengths) < max(lengths), "need a padded batch"
+    batch = collate(pair, tok.pad_token_id)
+    keep = answer_positions(batch["labels"])
+    with torch.no_grad(), (lrsa(model, LAG, backend="reference") if mode == "lrsa" else contextlib.nullcontext()):
+        masked = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+        target = batch["labels"][:, keep + 1]
+        reference = torch.nn.functional.cross_entropy(masked.transpose(1, 2), target, ignore_index=IGNORE_INDEX,
+                                                      reduction="sum")
+        loss_sum, _, _ = answer_loss_sums(model, batch)
+    assert float(loss_sum) == pytest.approx(float(reference), rel=1e-5)
+    left = {k: v.flip(1) for k, v in batch.items()}
+    with pytest.raises(ValueError, match="right-padded"):
+        answer_loss_sums(model, left)
 
 
 def test_teacher_forced_exact_match_is_greedy_exact_match(tok, data):
