@@ -2,6 +2,8 @@
 warning), never NaN, a silent fallback or a hang. The data loader and CLIs have their own section below."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -237,3 +239,225 @@ def test_unsupported_model_names_the_supported_ones(model_factory, call):
 def test_missing_model_paths(path, match):
     with pytest.raises(FileNotFoundError, match=match):
         load_model(path, device="cpu")
+
+
+# --- the data loader ---------------------------------------------------------------------------------------------
+
+GOOD = {"context": "Notes. The locker code of Bob is 4821. More notes.", "question": "What is the locker code of Bob?",
+        "answer": "4821"}
+
+
+def write_lines(path, lines: list[str | bytes]):
+    path.write_bytes(b"".join((line if isinstance(line, bytes) else line.encode()) + b"\n" for line in lines))
+    return path
+
+
+@pytest.mark.parametrize(
+    "bad_line, match",
+    [
+        ('{"context": "x", "question": ', r"line 3: not valid JSON \(Expecting value at column 30\)"),
+        ("not json at all", r"line 3: not valid JSON"),
+        ("[1, 2, 3]", r"line 3: expected a JSON object"),
+        (json.dumps({**GOOD, "context": ""}), r"line 3: field 'context' must be a non-empty string, got ''"),
+        (json.dumps({**GOOD, "context": " \n\t "}), r"line 3: field 'context' must be a non-empty string"),
+        (json.dumps({**GOOD, "answer": 4821}), r"line 3: field 'answer' must be a non-empty string, got 4821"),
+        ('{"context": "c", "question": "q", "answer": NaN}', r"line 3: field 'answer' must be a non-empty string"),
+        (json.dumps({"context": "c", "answer": "a"}), r"line 3: missing field 'question'"),
+        (b'{"context": "caf\xe9", "question": "q", "answer": "a"}', r"line 3: not valid UTF-8 \(byte 0xe9"),
+    ],
+)
+def test_malformed_jsonl_line_names_its_line(tmp_path, bad_line, match):
+    from lrsa_viz.qa_data import load_examples, read_jsonl
+
+    path = write_lines(tmp_path / "data.jsonl", [json.dumps(GOOD), "", bad_line, json.dumps(GOOD)])
+    before = path.read_bytes()
+    for loader in (read_jsonl, load_examples):
+        with pytest.raises(ValueError, match=match):
+            loader(path)
+    assert path.read_bytes() == before, "the loader must not touch the file"
+
+
+def test_every_malformed_line_is_reported_at_once(tmp_path):
+    from lrsa_viz.qa_data import read_jsonl
+
+    lines = [json.dumps(GOOD)] * 30
+    for i in (2, 9, 17):
+        lines[i] = "{broken"
+    lines[20] = json.dumps({**GOOD, "question": ""})
+    with pytest.raises(ValueError) as err:
+        read_jsonl(write_lines(tmp_path / "data.jsonl", lines))
+    message = str(err.value)
+    assert message.startswith("4 malformed line(s), nothing loaded")
+    for number in (3, 10, 18, 21):
+        assert f"line {number}:" in message
+    many = [("{broken" if i % 2 else json.dumps(GOOD)) for i in range(60)]
+    with pytest.raises(ValueError, match=r"30 malformed line\(s\)[\s\S]*\.\.\. and 10 more"):
+        read_jsonl(write_lines(tmp_path / "many.jsonl", many))
+
+
+def test_well_formed_variants_lose_nothing(tmp_path):
+    """Blank lines, CRLF endings, a byte-order mark and extra fields are fine and every example comes back."""
+    from lrsa_viz.qa_data import read_jsonl
+
+    extra = {**GOOD, "id": "x-1", "depth": 0.5}
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (json.dumps(GOOD) + "\r\n\r\n  \n" + json.dumps(extra) + "\r\n").encode())
+    assert read_jsonl(path) == [GOOD, extra]
+    assert read_jsonl(path, limit=1) == [GOOD]
+    with pytest.raises(ValueError, match="limit must be an integer >= 0 or None, got -1"):
+        read_jsonl(path, limit=-1)
+
+
+def test_missing_and_empty_data(tmp_path):
+    from lrsa_viz.qa_data import load_examples, read_jsonl
+
+    with pytest.raises(FileNotFoundError, match="is not a file"):
+        read_jsonl(tmp_path / "nope.jsonl")
+    with pytest.raises(FileNotFoundError, match="neither a JSONL file nor a datasets directory"):
+        load_examples(tmp_path / "nope")
+    (tmp_path / "empty.jsonl").write_text("")
+    assert read_jsonl(tmp_path / "empty.jsonl") == []  # an empty file is read as no examples; users get an error:
+    from lrsa_viz.evaluate import evaluate_model
+    with pytest.raises(ValueError, match="examples: nothing to evaluate"):
+        evaluate_model(None, None, [], [], CFG)
+
+
+# --- the command-line tools: bad arguments and bad data end with the message, not a partial result -------------
+
+@pytest.fixture(scope="module")
+def qa_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    files = {
+        "bad": write_lines(root / "bad.jsonl", [json.dumps(GOOD), '{"context": "c", "question": "q", "answer": ']),
+        "empty_context": write_lines(root / "empty_context.jsonl", [json.dumps({**GOOD, "context": ""})]),
+        "empty": root / "empty.jsonl",
+        "good": write_lines(root / "good.jsonl", [json.dumps(GOOD)]),
+    }
+    files["empty"].write_text("")
+    return root, files
+
+
+@pytest.mark.parametrize(
+    "args, error, match",
+    [
+        (["--context-tokens", "10"], ValueError, r"context_tokens must be an integer in \[64, 32768\], got 10"),
+        (["--n-facts", "0"], ValueError, r"n_facts must be an integer in \[1, 32\], got 0"),
+        (["--answer-digits", "13"], ValueError, r"answer_digits must be an integer in \[1, 12\], got 13"),
+        (["--context-tokens", "64", "--n-facts", "32"], ValueError, "context_tokens must be at least"),
+    ],
+)
+def test_qa_data_cli_bad_arguments(tmp_path, args, error, match):
+    from lrsa_viz.qa_data import main
+
+    with pytest.raises(error, match=match):
+        main(["--out", str(tmp_path / "out"), "--train", "1", "--dev", "0", "--test", "0", *args])
+    assert not (tmp_path / "out").exists(), "nothing written after a bad argument"
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        ("bad", r"bad.jsonl, line 2: not valid JSON"),
+        ("empty_context", r"empty_context.jsonl, line 1: field 'context' must be a non-empty string"),
+        ("empty", "the training set is empty"),
+    ],
+)
+def test_train_cli_bad_data(qa_files, tmp_path, data, match):
+    from lrsa_viz.train import main
+
+    root, files = qa_files
+    with pytest.raises(ValueError, match=match):
+        main(["--modes", "lrsa", "--model", "tiny:0", "--train-data", str(files[data]), "--out", str(tmp_path),
+              "--steps", "1", "--batch-size", "1", "--sink-size", "4", "--lag-size", "16", "--ratio", "0.25",
+              "--precision", "fp32", "--no-progress"])
+    assert not (tmp_path / "lrsa" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--steps", "0"], "steps must be an integer >= 1, got 0"),
+        (["--ratio", "0"], r"ratio must be in \(0, 1\]"),
+        (["--lag-size", "0"], "lag_size must be >= 1"),
+        (["--lr", "nan"], "lr must be a finite number > 0"),
+    ],
+)
+def test_train_cli_bad_arguments(qa_files, tmp_path, args, match):
+    from lrsa_viz.train import main
+
+    root, files = qa_files
+    base = ["--modes", "lrsa", "--model", "tiny:0", "--train-data", str(files["bad"]), "--out", str(tmp_path),
+            "--steps", "1", "--batch-size", "1", "--precision", "fp32", "--no-progress"]
+    with pytest.raises(ValueError, match=match):
+        main(base + args)
+
+
+@pytest.mark.parametrize(
+    "args, error, match",
+    [
+        (["--data", "{bad}"], ValueError, r"bad.jsonl, line 2: not valid JSON"),
+        (["--data", "{empty}"], ValueError, "examples: nothing to evaluate"),
+        (["--data", "{missing}"], FileNotFoundError, "neither a JSONL file nor a datasets directory"),
+        (["--data", "{empty_context}"], ValueError, r"line 1: field 'context' must be a non-empty string"),
+        (["--data", "{bad}", "--ratios", "0"], ValueError, r"ratio must be in \(0, 1\]"),
+        (["--data", "{good}", "--run", "no_equals_sign"], ValueError, "--run must be NAME=RUN_DIR"),
+    ],
+)
+def test_evaluate_cli_bad_input(qa_files, tmp_path, args, error, match):
+    from lrsa_viz.evaluate import main
+
+    root, files = qa_files
+    paths = {k: str(v) for k, v in files.items()} | {"missing": str(root / "missing.jsonl")}
+    args = [a.format(**paths) for a in args]
+    with pytest.raises(error, match=match):
+        main(args + ["--base", "tiny:0", "--out", str(tmp_path / "out"), "--no-progress", "--sink-size", "4",
+                     "--lag-size", "16"])
+    assert not (tmp_path / "out").exists(), "no partial result table"
+
+
+def test_cli_process_exits_nonzero_with_the_message(tmp_path):
+    """What a shell user sees: exit status 1 and the error on the last line of stderr."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "lrsa_viz.qa_data", "--out", str(tmp_path), "--context-tokens", "10"],
+                          capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "TQDM_DISABLE": "1"})
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1] == "ValueError: context_tokens must be an integer in [64, 32768], got 10"
+
+
+# --- answers longer than what LagKV keeps per partition: a warning ------------------------------------------------
+
+class DigitTokenizer:
+    """One token per character (digits tokenise like that in SmolLM2)."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def test_answer_longer_than_the_budget_warns():
+    from lrsa_viz.budget import AnswerBudgetWarning, answers_over_budget, warn_if_answers_exceed_budget
+
+    examples = [{**GOOD, "answer": a} for a in ("4821", "12345678", " 99 ", "123456789012")]
+    cfg = LagConfig(4, 32, 0.25)  # keeps 8 tokens per partition
+    assert answers_over_budget(DigitTokenizer(), examples, cfg) == [3]
+    with pytest.warns(AnswerBudgetWarning, match=r"setting lagkv@0.25: 1 of 4 answers are longer than the 8 tokens .*"
+                                                 r"the longest has 12 tokens.*int\(ratio \* lag_size\) >= 12"):
+        assert warn_if_answers_exceed_budget(DigitTokenizer(), examples, cfg, "setting lagkv@0.25") == [3]
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning when everything fits, or when nothing is dropped (ratio 1)
+        assert warn_if_answers_exceed_budget(DigitTokenizer(), examples, LagConfig(4, 64, 0.25)) == []
+        assert warn_if_answers_exceed_budget(DigitTokenizer(), examples, LagConfig(4, 8, 1.0)) == []
+    with pytest.raises(ValueError, match="config must be a LagConfig"):
+        answers_over_budget(DigitTokenizer(), examples, {"ratio": 0.25})
+
+
+def test_answer_budget_with_the_real_tokenizer():
+    from lrsa_viz.budget import AnswerBudgetWarning, answer_token_lengths, warn_if_answers_exceed_budget
+    from lrsa_viz.qa_data import load_tokenizer
+
+    tok = load_tokenizer()
+    assert answer_token_lengths(tok, ["4821", "123456789012"]) == [4, 12]  # SmolLM2: one token per digit
+    with pytest.warns(AnswerBudgetWarning, match="2 of 2 answers"):
+        warn_if_answers_exceed_budget(tok, [{"answer": "4821"}, {"answer": "48213"}], LagConfig(4, 16, 0.125))
