@@ -264,7 +264,10 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, comm
     precision = config.precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() else "fp32"
-    accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no")
+    # cpu=True without CUDA: accelerate then runs several CPU processes (torchrun) as DDP over gloo
+    # step_scheduler_with_optimizer=False: one schedule step per optimiser step, whatever the number of processes
+    accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=not torch.cuda.is_available(),
+                              step_scheduler_with_optimizer=False)
     world, rank = accelerator.num_processes, accelerator.process_index
     if config.batch_size % world:
         raise ValueError(f"batch_size ({config.batch_size}) must be a multiple of the number of processes ({world})")

@@ -190,3 +190,34 @@ def test_cli_trains_both_modes(data, tmp_path):
         assert info["command"].startswith("python -m lrsa_viz.train --modes full lrsa")
         assert json.loads((tmp_path / mode / "train_config.json").read_text())["mode"] == mode
     assert (tmp_path / "lrsa" / "lag_config.json").exists() and not (tmp_path / "full" / "lag_config.json").exists()
+
+
+def test_two_processes_ddp_equal_one_process(data, tmp_path):
+    """torchrun with 2 CPU processes (DDP over gloo, through accelerate): each takes half of every global batch,
+    and the losses, learning rates and gradient norms equal those of one process."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["--modes", "lrsa", "--model", "tiny:0", "--train-data", data["train"], "--dev-data", data["dev"],
+            "--steps", "3", "--batch-size", "4", "--micro-batch-size", "1", "--lr", "3e-3", "--warmup-steps", "1",
+            "--eval-every", "2", "--sink-size", "8", "--lag-size", "32", "--ratio", "0.25", "--precision", "fp32",
+            "--no-progress"]
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                    str(port), "-m", "lrsa_viz.train", "--out", str(tmp_path / "two")] + args, check=True, cwd=root,
+                   capture_output=True)
+    main(["--out", str(tmp_path / "one")] + args)
+    two = list(csv.DictReader((tmp_path / "two" / "lrsa" / "loss_curve.csv").open()))
+    one = list(csv.DictReader((tmp_path / "one" / "lrsa" / "loss_curve.csv").open()))
+    assert json.loads((tmp_path / "two" / "lrsa" / "run_info.json").read_text())["processes"] == 2
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        for key in ("train_loss", "grad_norm"):
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4)
+        assert a["lr"] == b["lr"] and a["tokens"] == b["tokens"]
+        assert (a["dev_loss"] == "") == (b["dev_loss"] == "")
