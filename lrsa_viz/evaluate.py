@@ -19,6 +19,7 @@ appears among the answer's words). ``kv_fraction``: stored / seen tokens in the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import csv
 import hashlib
 import json
@@ -40,6 +41,7 @@ from .cache import LagKVCache
 from .config import LagConfig
 from .policies import RandomPolicy, make_policy
 from .prefill import prefill_chunks
+from .budget import warn_if_answers_exceed_budget
 from .qa_data import encode_prompts, load_examples
 
 POLICY_NAMES = ("lagkv", "streaming", "random")
@@ -208,6 +210,9 @@ def evaluate_model(model, tokenizer, examples: Sequence[dict], settings: Sequenc
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if not examples:
         raise ValueError("examples: nothing to evaluate")
+    for ratio in sorted({s.ratio for s in settings if s.policy is not None}):  # answers that cannot be kept whole
+        warn_if_answers_exceed_budget(tokenizer, examples, dataclasses.replace(lag, ratio=ratio),
+                                      f"evaluate {model_name} at ratio {ratio}")
     device = next(model.parameters()).device
     groups = group_prompts(tokenizer, examples)
     batches = [(key[1], members[i:i + batch_size]) for key, members in sorted(groups.items())

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from .attention import check_right_padding, enable_lrsa
 from .config import LagConfig
+from .budget import warn_if_answers_exceed_budget
 from .qa_data import IGNORE_INDEX, collate, encode_examples, load_examples, load_tokenizer
 
 MODES = ("full", "lrsa")
@@ -281,6 +282,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, comm
     check_attention(model)
     model.train()
     train_examples = load_examples(config.train_data, split=config.train_split, limit=config.max_train_examples)
+    if config.mode == "lrsa" and accelerator.is_main_process:
+        warn_if_answers_exceed_budget(tokenizer, train_examples, config.lag_config, "train (LRSA)")
     features = encode_examples(tokenizer, train_examples)
     dev_features = []
     if config.dev_data:

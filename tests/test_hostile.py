@@ -461,3 +461,31 @@ def test_answer_budget_with_the_real_tokenizer():
     assert answer_token_lengths(tok, ["4821", "123456789012"]) == [4, 12]  # SmolLM2: one token per digit
     with pytest.warns(AnswerBudgetWarning, match="2 of 2 answers"):
         warn_if_answers_exceed_budget(tok, [{"answer": "4821"}, {"answer": "48213"}], LagConfig(4, 16, 0.125))
+
+
+def test_evaluate_and_lrsa_training_warn_about_long_answers(tmp_path):
+    """The warning reaches users where it matters: evaluation of compressed settings and LRSA training."""
+    import warnings
+
+    from lrsa_viz.budget import AnswerBudgetWarning
+    from lrsa_viz.evaluate import Setting, evaluate_model
+    from lrsa_viz.qa_data import write_jsonl
+    from lrsa_viz.train import TrainConfig, load_source, train
+
+    model, tok = load_source("tiny:0")
+    long = [{"context": "Notes about the office. " * 12 + "The code of Bob is 123456789012.",
+             "question": "What is the code of Bob?", "answer": "123456789012"}]
+    lag = LagConfig(4, 16, 0.125)  # keeps int(0.125 * 16) = 2 tokens per partition; the answer has 12
+    with pytest.warns(AnswerBudgetWarning, match=r"evaluate tiny at ratio 0.125: 1 of 1 answers .* 2 tokens"):
+        evaluate_model(model, tok, long, [Setting(), Setting("lagkv", "chunked", 0.125)], lag, max_new_tokens=2,
+                       model_name="tiny", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AnswerBudgetWarning)  # full KV only: nothing is dropped, no warning
+        evaluate_model(model, tok, long, [Setting()], lag, max_new_tokens=2, progress=False)
+    data = write_jsonl(tmp_path / "long.jsonl", long)
+    config = dict(train_data=str(data), model="tiny:0", steps=1, batch_size=1, precision="fp32", lag=lag.to_dict())
+    with pytest.warns(AnswerBudgetWarning, match=r"train \(LRSA\): 1 of 1 answers"):
+        train(TrainConfig(mode="lrsa", out_dir=str(tmp_path / "lrsa"), **config), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AnswerBudgetWarning)
+        train(TrainConfig(mode="full", out_dir=str(tmp_path / "full"), **config), progress=False)
