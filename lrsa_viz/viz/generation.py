@@ -19,6 +19,7 @@ class Answer:
         token_ids: the generated tokens (prompt excluded).
         text: their decoded text.
         kv_bytes: bytes of K/V the cache held at the end of generation.
+        prompt_kv_bytes: bytes of K/V it held after reading the prompt (before generating), if recorded.
     """
 
     policy: str
@@ -26,6 +27,7 @@ class Answer:
     token_ids: list[int]
     text: str
     kv_bytes: int
+    prompt_kv_bytes: int | None = None
 
 
 def prefix_agreement(reference: Sequence[int], other: Sequence[int]) -> float:
