@@ -12,7 +12,7 @@ import time
 import nbformat
 import pytest
 
-from lab_driver import (CHROMIUM, CHROMIUM_ARGS, REPO, JupyterLabServer, error_outputs, plots, run_all_cells,
+from lab_driver import (CHROMIUM, CHROMIUM_ARGS, NB, REPO, JupyterLabServer, error_outputs, plots, run_all_cells,
                         save_and_read, select_kernel_if_asked, sliders, wait_for_notebook, wait_until_executed)
 
 pytestmark = pytest.mark.browser
@@ -107,13 +107,18 @@ def test_explorer_runs_and_a_slider_changes_the_plot(lab, page):
             break
     else:
         pytest.fail(f"no slider move changed a plot; moved {moved}")
-    page.wait_for_timeout(1000)
-    page.screenshot(path=str(ARTIFACTS / "explorer_after_slider.png"))
-    print(f"explorer: all cells ran in {ran_s:.1f} s; slider {moved[-1]} changed the plot "
-          f"({len(before)} plots before, {len(after)} after); total {time.monotonic() - t0:.1f} s")
-
     state = wait_until_executed(page, lab, EXPLORER, PLOT_UPDATE_TIMEOUT_S)  # the callback has finished
     assert not state["errors"], f"the slider callback errored:\n{state['errors'][0]}"
+    after = plots(page)
+    changed = [i for i, (a, b) in enumerate(zip(before, after)) if a != b]
+    page.screenshot(path=str(ARTIFACTS / "explorer_after_slider.png"))
+    if changed:
+        plot = page.locator(f"{NB} .js-plotly-plot").nth(changed[0])
+        plot.scroll_into_view_if_needed()
+        plot.screenshot(path=str(ARTIFACTS / "explorer_plot_after_slider.png"))
+    print(f"explorer: all cells ran in {ran_s:.1f} s; slider {moved[-1]} changed {len(changed)} of {len(before)} "
+          f"plots ({len(after)} after); total {time.monotonic() - t0:.1f} s")
+    assert changed or len(after) != len(before)
     saved = save_and_read(page, lab, EXPLORER)  # the server's copy, never the committed notebook
     assert error_outputs(saved) == []
     code_cells = [c for c in saved.cells if c.cell_type == "code" and c.source.strip()]
