@@ -15,6 +15,7 @@ from lrsa_viz import LagConfig, LagKVCache, chunked_prefill, keep_mask, lagkv_sc
 from lrsa_viz.cache import LagKVLayer
 from lrsa_viz.scoring import lagkv_keep_indices
 
+# 10 s per example is ~100x the typical time of the tensor-only examples (a loaded 2-core machine stays far below)
 COMMON = dict(database=None, deadline=10_000, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -226,7 +227,7 @@ def test_cache_stored_lengths_after_appends(problem, mode, policy):
 # The central equivalence on the tiny model (few examples: each runs the model)
 
 
-@settings(max_examples=8, **COMMON)
+@settings(max_examples=8, **{**COMMON, "deadline": None})  # model runs: bounded by the example count, not a clock
 @given(
     cfg=lag_configs(max_sink=5, max_lag=10),
     batch=st.integers(1, 2),
