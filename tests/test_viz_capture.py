@@ -41,11 +41,14 @@ def test_lrsa_capture_differs_above_layer_zero_and_restores_model(tiny):
             tiny(ids[None], past_key_values=cache, use_cache=True)
     assert torch.equal(sparse.keys[1], cache.layers[1].keys[0])
     # a model that runs LRSA with another config keeps it after a dense capture
-    enable_lrsa(tiny, LagConfig(1, 4, 0.5))
+    enable_lrsa(tiny, LagConfig(1, 4, 0.5), backend="reference")
     try:
         again = capture_kv(tiny, None, ids)
         assert torch.equal(again.keys, dense.keys)
-        assert lrsa_config_of(tiny) == LagConfig(1, 4, 0.5)
+        assert lrsa_config_of(tiny) == LagConfig(1, 4, 0.5) and tiny.config.lrsa_backend == "reference"
+        other = capture_kv(tiny, None, ids, CFG)
+        assert torch.equal(other.keys, sparse.keys)
+        assert lrsa_config_of(tiny) == LagConfig(1, 4, 0.5) and tiny.config.lrsa_backend == "reference"
     finally:
         disable_lrsa(tiny)
 

@@ -83,19 +83,22 @@ class KVCapture:
 
 @contextlib.contextmanager
 def attention_mode(model: PreTrainedModel, config: LagConfig | None) -> Iterator[PreTrainedModel]:
-    """Run a block with the LRSA mask of ``config`` (or dense attention if None); restore the model's state after."""
+    """Run a block with the LRSA mask of ``config`` (or dense attention if None); restore the model's state after
+    (its previous LRSA config and backend, or dense attention)."""
     previous = lrsa_config_of(model)
+    backend = getattr(model.config, "lrsa_backend", None)  # set by enable_lrsa(..., backend=...)
+    keep_backend = {"backend": backend} if backend else {}
     if config is None:
         disable_lrsa(model)
     else:
-        enable_lrsa(model, config)
+        enable_lrsa(model, config, **keep_backend)
     try:
         yield model
     finally:
         if previous is None:
             disable_lrsa(model)
         else:
-            enable_lrsa(model, previous)
+            enable_lrsa(model, previous, **keep_backend)
 
 
 def token_strings(tokenizer, token_ids: Sequence[int] | torch.Tensor) -> list[str]:
