@@ -41,6 +41,13 @@ def test_initial_views(explorer):
     assert z.shape == (3, 200)
     torch.testing.assert_close(z.sum(-1), torch.full((3,), float(cfg.retained_length(n))))
     assert "dense forward" in ex.status.value and "token 0:" in ex.figures["retained"].data[0].text[0][0]
+    # each Output widget shows its figure as plotly's MIME bundle
+    for name, out in ex.outputs.items():
+        (shown,) = out.outputs
+        spec = shown["data"]["application/vnd.plotly.v1+json"]
+        assert spec["data"][0].get("z") == ex.figures[name].to_plotly_json()["data"][0].get("z") or name == "compression"
+    spec = ex.outputs["retained"].outputs[0]["data"]["application/vnd.plotly.v1+json"]
+    assert torch.equal(torch.tensor(spec["data"][0]["z"]), z)
 
 
 def test_sliders_rescore_without_running_the_model(explorer):
@@ -52,6 +59,8 @@ def test_sliders_rescore_without_running_the_model(explorer):
     ex.lag.value = 16
     cfg = LagConfig(4, 16, 0.25)
     assert ex.config == cfg and ex.figures["lag_scores"] is not before
+    shown = ex.outputs["lag_scores"].outputs[0]["data"]["application/vnd.plotly.v1+json"]
+    assert len(shown["data"][1]["x"]) == 44, "the Output widget shows the new figure"
     assert kept_markers(ex) == (cfg.num_partitions(n) - 1) * cfg.top_k == 44
     assert retained_rows(ex).eq(cfg.retained_length(n)).all()
     ex.ratio.value = 0.5

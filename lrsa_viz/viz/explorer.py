@@ -14,6 +14,7 @@ Which K/V are shown (also stated in the dashboard):
 """
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from typing import Mapping, Sequence
 
@@ -32,6 +33,15 @@ from .retention import retained_token_figure, retention_grid_figure
 SOURCES = {"dense": "dense forward (re-scored on each change, no model run)",
            "lrsa": "LRSA forward with the current config (re-runs the model on each change)"}
 VIEWS = ("lag_scores", "retained", "grid", "compression")
+
+
+def figure_output(fig: go.Figure) -> dict:
+    """A plotly figure as one Jupyter ``display_data`` output (plotly's own MIME type, rendered by JupyterLab)."""
+    spec = json.loads(fig.to_json())
+    spec.setdefault("config", {})
+    title = fig.layout.title.text or "plotly figure"
+    return {"output_type": "display_data", "metadata": {},
+            "data": {"application/vnd.plotly.v1+json": spec, "text/plain": f"<Figure: {title}>"}}
 
 
 def _message_figure(message: str) -> go.Figure:
@@ -218,11 +228,8 @@ class LagKVExplorer:
             f"<b>{self.text.value}</b>: {n} tokens · {config} · each layer and KV head keeps {kept_per_head} "
             f"({kept_per_head / n:.0%}) · showing LagKV selections on the <b>{SOURCES[self.source.value]}</b> · "
             f"model runs so far: {self.model_runs}")
-        for name in targets:
-            out = self.outputs[name]
-            out.clear_output(wait=True)
-            with out:
-                display(self.figures[name])
+        for name in targets:  # replace the Output widget's content directly (no output capture: works headless)
+            self.outputs[name].outputs = (figure_output(self.figures[name]),)
 
     # ----------------------------------------------------------------------------------------------------------
     def _layout(self) -> widgets.Widget:
