@@ -51,6 +51,7 @@ def test_retained_binned_keeps_the_totals(kept):
     z = torch.tensor(fig.data[0].z)
     assert z.shape == (8, 10) and heatmap_cells(fig) == 80 and "binned" in fig.layout.title.text
     edges = bin_edges(75, 10)
+    assert list(fig.data[0].meta["bin_edges"]) == edges
     widths = torch.tensor([b - a for a, b in zip(edges[:-1], edges[1:])], dtype=torch.float32)
     assert widths.sum() == 75 and set(widths.tolist()) == {7.0, 8.0}
     torch.testing.assert_close((z * widths).sum(-1), kept.reshape(8, 75).float().sum(-1))

@@ -52,7 +52,8 @@ def retained_token_figure(
         max_cells: at most this many cells; longer texts are binned into windows of consecutive tokens and a cell
             is then the fraction of kept (token, head) pairs in its window (the title says so).
     Returns:
-        go.Figure with one heatmap; ``z`` has rows x min(N, max_cells // rows) cells.
+        go.Figure with one heatmap; ``z`` has rows x min(N, max_cells // rows) cells; the trace's
+        ``meta["bin_edges"]`` gives the token range of each column (column b covers edges[b]:edges[b+1]).
     """
     kept = _check_kept(kept)
     n_layers, n_heads, n = kept.shape
@@ -80,7 +81,7 @@ def retained_token_figure(
     fig = go.Figure(go.Heatmap(
         z=z.tolist(), x=x, y=list(range(len(labels))), text=[col_text] * len(labels), zmin=0, zmax=1,
         colorscale=[[0, "#f2f2f2"], [1, "#1f77b4"]], colorbar=dict(title=what),
-        customdata=[[lab] * len(x) for lab in labels],
+        customdata=[[lab] * len(x) for lab in labels], meta={"by": by, "bin_edges": edges},
         hovertemplate="%{customdata}<br>%{text}<br>" + what + ": %{z:.2f}<extra></extra>",
     ))
     note = f" — binned: {len(x)} windows of ~{n / len(x):.1f} tokens" if binned else ""
