@@ -112,6 +112,7 @@ def test_capture_smollm2_text(smollm2):
     (dict(max_tokens=0), "max_tokens"),
     (dict(layers=[5]), "layers must be distinct"),
     (dict(layers=[0, 0]), "layers must be distinct"),
+    (dict(layers=[]), "layers must be distinct"),
     (dict(query_layers=[2]), "query_layers"),
 ])
 def test_capture_rejects_bad_arguments(tiny, kwargs, match):

@@ -122,11 +122,11 @@ def _query_hook(store: dict[int, torch.Tensor], layer: int):
 
 
 def _check_layers(layers: Sequence[int] | None, n_model_layers: int, name: str) -> list[int]:
+    """Validate a list of distinct layer indices (None = all layers)."""
     if layers is None:
         return list(range(n_model_layers))
     out = [int(x) for x in layers]
-    bad = [x for x in out if not 0 <= x < n_model_layers]
-    if bad or len(set(out)) != len(out) or not out and name == "layers":
+    if not out or len(set(out)) != len(out) or any(not 0 <= x < n_model_layers for x in out):
         raise ValueError(f"{name} must be distinct layer indices in [0, {n_model_layers - 1}], got {list(layers)}")
     return out
 
