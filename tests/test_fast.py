@@ -1,10 +1,14 @@
 """Fast LRSA (compact K/V layout + FlexAttention) against the reference dense-mask path.
 
-On CPU: the selections, the layout, the block mask and the forward pass of the real FlexAttention call (PyTorch's
-uncompiled implementation), the model integration, and the gradient routing of the layout (through an attention
-over the same layout and mask that can run backward on CPU). Needs CUDA (skipped here with the reason): the
-compiled kernel's forward and backward in bf16; the benchmark script checks them too on every GPU run.
+On CPU: the selections, the layout, the block mask (aligned and not), the kernel mask_mod against the readable
+interval form, the forward pass of the real FlexAttention call (PyTorch's uncompiled implementation), forced
+selections, the kernel choice, the model integration, and the gradient routing of the layout (through an
+attention over the same layout and mask that can run backward on CPU). Needs CUDA (skipped here with the reason):
+the compiled kernels' (Triton and, where installed, FlashAttention-4) forward and backward in bf16, exact ties,
+no host synchronisation, a model training step; the benchmark script checks them too on every GPU run.
 """
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,8 +18,10 @@ from lrsa_viz import LagConfig, LagKVCache, chunked_prefill, disable_lrsa, enabl
 from lrsa_viz.attention import lrsa_backend_of, resolve_backend
 from lrsa_viz.fast import LrsaLayout, block_classes, buffer_positions, compact_positions, fast_lrsa_attention, layout_kv
 from lrsa_viz.fast.cost import dense_causal_pairs, kv_cache_bytes, lrsa_tiles, lrsa_visible_pairs
-from lrsa_viz.fast.layout import lrsa_block_mask, make_mask_mod
-from lrsa_viz.mask import lrsa_visibility
+from lrsa_viz.fast.kernel import (FastOptions, fast_options, flash_unavailable_reason, flex_kernel_backend,
+                                  kernel_report)
+from lrsa_viz.fast.layout import lrsa_block_mask, make_mask_mod, visible_bounds
+from lrsa_viz.mask import lrsa_visibility, visibility_from_keep
 from lrsa_viz.scoring import lagkv_keep_indices
 
 # (config, N, block size): N not a multiple of L or of the block, no sink, odd sizes, k and L not multiples of the
@@ -29,6 +35,7 @@ CASES = [
     (LagConfig(16, 128, 0.25), 700, 128),
 ]
 ids = [f"S{c.sink_size}-L{c.lag_size}-r{c.ratio:.3g}-N{n}-B{b}" for c, n, b in CASES]
+ALIGN = [False, True]  # query blocks at multiples of BLOCK, or aligned with the partitions (D pad rows)
 
 
 def random_qkv(n, b=2, hq=4, hkv=2, d=16, seed=0, dtype=torch.float32, device="cpu"):
@@ -52,12 +59,45 @@ def test_selected_positions_are_lagkv(cfg, n, bs):
     assert torch.equal(pos, lagkv_keep_indices(k, v, cfg)[..., : layout.compact])
 
 
+def layout_mask(layout):
+    """[q_len, kv_len] bool: the kernel's mask_mod materialised over the query and key buffers."""
+    return create_mask(make_mask_mod(layout), None, None, layout.q_len, layout.kv_len, device="cpu")[0, 0]
+
+
+def interval_mask(layout):
+    """[q_len, kv_len] bool from the readable interval form `visible_bounds` (row i is position i - D)."""
+    a, b, c = visible_bounds(torch.arange(layout.q_len)[:, None] - layout.query_pad, layout.params().long())
+    kv = torch.arange(layout.kv_len)[None, :]
+    return (kv < a) | ((kv >= b) & (kv <= c))
+
+
+def test_kernel_mask_mod_equals_the_interval_form():
+    """The mask_mod written for the kernels (no clamp/where, non-negative floor division) equals the interval
+    form for many (N, S, L, r, block), S and N multiples of the block or not, queries aligned or not."""
+    checked = 0
+    for s, lag, ratio, n, bs, align in itertools.product(
+            [0, 1, 3, 16, 130], [5, 16, 32, 128], [0.25, 0.5, 1 / 8], [61, 150, 300, 700], [16, 32, 128], ALIGN):
+        cfg = LagConfig(s, lag, ratio) if int(ratio * lag) >= 1 else None
+        if cfg is None or cfg.num_partitions(n) < 2:
+            continue
+        layout = LrsaLayout.of(n, cfg, bs, align_queries=align)
+        assert layout.query_pad == (-s % bs if align else 0)
+        assert torch.equal(layout_mask(layout), interval_mask(layout)), layout
+        checked += 1
+    assert checked > 300
+
+
+@pytest.mark.parametrize("align", ALIGN)
 @pytest.mark.parametrize("cfg, n, bs", CASES, ids=ids)
-def test_layout_mask_is_the_lrsa_mask(cfg, n, bs):
-    """Mapped back to token positions, the static layout mask shows each query exactly its LRSA keys, once."""
+def test_layout_mask_is_the_lrsa_mask(cfg, n, bs, align):
+    """Mapped back to token positions, the static layout mask shows each query exactly its LRSA keys, once;
+    padding rows of an aligned query buffer see key 0 only."""
     _, k, v = random_qkv(n, seed=n + 1)
-    layout = LrsaLayout.of(n, cfg, bs)
-    dense = create_mask(make_mask_mod(layout.params()), None, None, n, layout.kv_len, device="cpu")[0, 0]
+    layout = LrsaLayout.of(n, cfg, bs, align_queries=align)
+    full = layout_mask(layout)
+    pad = layout.query_pad
+    assert full[:pad].sum() == pad and full[:pad, 0].all()
+    dense = full[pad:]
     positions = buffer_positions(compact_positions(k, v, cfg), layout)
     visible = lrsa_visibility(k, v, cfg)
     rows, cols = dense.nonzero(as_tuple=True)
@@ -70,26 +110,28 @@ def test_layout_mask_is_the_lrsa_mask(cfg, n, bs):
             assert torch.equal(seen.bool(), visible[b, h])
 
 
+@pytest.mark.parametrize("align", ALIGN)
 @pytest.mark.parametrize("cfg, n, bs", CASES, ids=ids)
-def test_block_classes_are_exact(cfg, n, bs):
+def test_block_classes_are_exact(cfg, n, bs, align):
     """Empty / partial / full tiles computed from the intervals equal those of the materialised mask."""
-    layout = LrsaLayout.of(n, cfg, bs)
-    dense = create_mask(make_mask_mod(layout.params()), None, None, n, layout.kv_len, device="cpu")[0, 0]
-    n_q = -(-n // bs)
-    tiles = dense[torch.arange(n_q * bs).clamp(max=n - 1)].view(n_q, bs, -1, bs)
+    layout = LrsaLayout.of(n, cfg, bs, align_queries=align)
+    dense = layout_mask(layout)
+    n_q = -(-layout.q_len // bs)
+    tiles = dense[torch.arange(n_q * bs).clamp(max=layout.q_len - 1)].view(n_q, bs, -1, bs)
     partial, full = block_classes(layout)
     assert torch.equal(full, tiles.all(3).all(1))
     assert torch.equal(partial, tiles.any(3).any(1) & ~tiles.all(3).all(1))
     bm = lrsa_block_mask(layout, "cpu")
-    assert bm.shape == (1, 1, n, layout.kv_len)
+    assert bm.shape == (1, 1, layout.q_len, layout.kv_len)
     assert torch.equal(bm.kv_num_blocks[0, 0], partial.sum(-1).int())
     assert torch.equal(bm.full_kv_num_blocks[0, 0], full.sum(-1).int())
 
 
+@pytest.mark.parametrize("align", ALIGN)
 @pytest.mark.parametrize("cfg, n, bs", CASES, ids=ids)
-def test_fast_forward_matches_reference(cfg, n, bs):
+def test_fast_forward_matches_reference(cfg, n, bs, align):
     q, k, v = random_qkv(n, seed=n + 2)
-    out = fast_lrsa_attention(q, k, v, cfg, block_size=bs)
+    out = fast_lrsa_attention(q, k, v, cfg, block_size=bs, align_queries=align)
     ref = reference(q, k, v, cfg)
     assert out.shape == ref.shape
     assert (out - ref).abs().max().item() <= 1e-5
@@ -105,22 +147,25 @@ def test_short_sequences_and_ratio_one_are_causal():
     assert torch.allclose(fast_lrsa_attention(q, k, v, LagConfig(2, 4, 1.0)), causal, atol=1e-6)
 
 
-def layout_attention_dense(q, k, v, cfg, bs):
-    """Same layout and mask as the fast path, attended with SDPA (so backward runs on CPU)."""
-    layout = LrsaLayout.of(q.shape[2], cfg, bs)
+def layout_attention_dense(q, k, v, cfg, bs, align=False):
+    """Same layout, query padding and mask as the fast path, attended with SDPA (so backward runs on CPU)."""
+    from lrsa_viz.fast.layout import pad_queries
+    layout = LrsaLayout.of(q.shape[2], cfg, bs, align_queries=align)
     with torch.no_grad():
         pos = compact_positions(k, v, cfg)
     kb, vb = layout_kv(k, v, pos, layout)
-    mask = create_mask(make_mask_mod(layout.params()), None, None, q.shape[2], layout.kv_len, device="cpu")
-    return F.scaled_dot_product_attention(q, kb, vb, attn_mask=mask, enable_gqa=True)
+    out = F.scaled_dot_product_attention(pad_queries(q, layout), kb, vb, attn_mask=layout_mask(layout), enable_gqa=True)
+    return out[:, :, layout.query_pad:]
 
 
+@pytest.mark.parametrize("align", ALIGN)
 @pytest.mark.parametrize("cfg, n, bs", CASES[:3], ids=ids[:3])
-def test_layout_gradients_match_reference(cfg, n, bs):
-    """d(loss)/dK of a kept token sums its two copies (compact and full region): it equals the reference's."""
+def test_layout_gradients_match_reference(cfg, n, bs, align):
+    """d(loss)/dK of a kept token sums its two copies (compact and full region): it equals the reference's.
+    With aligned queries the padding rows give no gradient to anything."""
     q, k, v = (t.requires_grad_() for t in random_qkv(n, seed=n + 3))
     grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(9))
-    got = torch.autograd.grad(layout_attention_dense(q, k, v, cfg, bs), (q, k, v), grad_out)
+    got = torch.autograd.grad(layout_attention_dense(q, k, v, cfg, bs, align), (q, k, v), grad_out)
     want = torch.autograd.grad(reference(q, k, v, cfg), (q, k, v), grad_out)
     for g, w in zip(got, want):
         assert (g - w).abs().max().item() <= 1e-5
@@ -162,6 +207,108 @@ def test_bad_shapes_are_clear_errors():
         LrsaLayout.of(30, LagConfig(4, 16, 0.25))
 
 
+def keep_from_positions(positions, cfg, n):
+    """[B, H_kv, N] keep mask of one-shot compression with the given compact positions (sink + selections), the
+    last full partition and the remainder kept whole, like `lagkv_keep_indices`."""
+    kept = torch.zeros(*positions.shape[:2], n, dtype=torch.bool, device=positions.device)
+    kept[..., cfg.sink_size + (cfg.num_partitions(n) - 1) * cfg.lag_size:] = True
+    return kept.scatter_(-1, positions, True)
+
+
+def reference_with_positions(q, k, v, cfg, positions):
+    g = q.shape[1] // k.shape[1]
+    visible = visibility_from_keep(keep_from_positions(positions, cfg, q.shape[2]), cfg).repeat_interleave(g, 1)
+    return F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), attn_mask=visible)
+
+
+def random_positions(cfg, n, b, h, seed):
+    """Valid compact positions, other than LagKV's: a random k-subset of every scored partition, ascending."""
+    g = torch.Generator().manual_seed(seed)
+    p, s, lag, k = cfg.num_partitions(n), cfg.sink_size, cfg.lag_size, cfg.top_k
+    chosen = torch.rand(b, h, p - 1, lag, generator=g).argsort(-1)[..., :k].sort(-1).values
+    chosen = chosen + s + lag * torch.arange(p - 1)[:, None]
+    return torch.cat([torch.arange(s).expand(b, h, s), chosen.flatten(2)], -1)
+
+
+@pytest.mark.parametrize("align", ALIGN)
+def test_forced_positions_replace_the_selection(align):
+    """``positions=`` (e.g. another run's selections) is attended exactly like the reference mask built from it."""
+    cfg, n = LagConfig(4, 16, 0.25), 150
+    q, k, v = random_qkv(n, seed=11)
+    forced = random_positions(cfg, n, 2, 2, seed=3)
+    assert not torch.equal(forced, compact_positions(k, v, cfg))  # a different selection than LagKV's
+    out = fast_lrsa_attention(q, k, v, cfg, block_size=16, positions=forced, align_queries=align)
+    assert (out - reference_with_positions(q, k, v, cfg, forced)).abs().max().item() <= 1e-5
+    assert (out - reference(q, k, v, cfg)).abs().max().item() > 1e-3  # the forced selection is what was used
+    own = fast_lrsa_attention(q, k, v, cfg, block_size=16, positions=compact_positions(k, v, cfg))
+    assert torch.equal(own, fast_lrsa_attention(q, k, v, cfg, block_size=16))
+
+
+def test_bad_forced_positions_are_clear_errors():
+    cfg, n = LagConfig(4, 16, 0.25), 150
+    q, k, v = random_qkv(n)
+    good = random_positions(cfg, n, 2, 2, seed=1)
+    bad = {
+        "shape": good[..., :-1], "dtype": good.int(), "sink": good.clone().index_fill_(-1, torch.tensor([0]), 3),
+        "outside its partition": good.clone().index_fill_(-1, torch.tensor([cfg.sink_size]), 0),
+        "not ascending": good.flip(-1),
+    }
+    for what, positions in bad.items():
+        with pytest.raises(ValueError, match="positions must"):
+            fast_lrsa_attention(q, k, v, cfg, block_size=16, positions=positions)
+
+
+def test_kernel_choice_is_one_function(monkeypatch):
+    """Without a CUDA GPU with FlashAttention-4 the kernel is triton; an explicit 'flash' there is an error that
+    says why; the environment variable overrides 'auto'; unknown names are errors."""
+    monkeypatch.delenv("LRSA_VIZ_FLEX_BACKEND", raising=False)
+    assert flex_kernel_backend("cpu") == "triton" and flex_kernel_backend("cpu", kernel="triton") == "triton"
+    with pytest.raises(ValueError, match="kernel='flash' cannot run here: the device is not a CUDA GPU"):
+        flex_kernel_backend("cpu", kernel="flash")
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        flex_kernel_backend("cpu", kernel="fastest")
+    monkeypatch.setenv("LRSA_VIZ_FLEX_BACKEND", "flash")
+    with pytest.raises(ValueError, match="LRSA_VIZ_FLEX_BACKEND='flash' cannot run here"):
+        flex_kernel_backend("cpu")
+    assert flex_kernel_backend("cpu", kernel="auto") == "triton"  # the argument wins over the environment
+    monkeypatch.setenv("LRSA_VIZ_FLEX_BACKEND", "cudnn")
+    with pytest.raises(ValueError, match="LRSA_VIZ_FLEX_BACKEND must be one of"):
+        fast_lrsa_attention(*random_qkv(150), LagConfig(4, 16, 0.25), block_size=16)
+    monkeypatch.setenv("LRSA_VIZ_FLEX_BACKEND", "triton")
+    assert kernel_report("cpu")["kernel"] == "triton" and kernel_report("cpu")["requested"] == "triton"
+    if not torch.cuda.is_available():
+        assert flash_unavailable_reason() == "no CUDA device"
+        assert kernel_report()["flash_unavailable_reason"] == "the device is not a CUDA GPU"
+
+
+def test_options_from_arguments_and_environment(monkeypatch):
+    for name in ("LRSA_VIZ_FLEX_BACKEND", "LRSA_VIZ_FUSED_REGION", "LRSA_VIZ_ALIGN_QUERIES"):
+        monkeypatch.delenv(name, raising=False)
+    assert fast_options() == FastOptions()
+    monkeypatch.setenv("LRSA_VIZ_FUSED_REGION", "1")
+    monkeypatch.setenv("LRSA_VIZ_ALIGN_QUERIES", "0")
+    assert fast_options() == FastOptions(fused=True, align_queries=False)
+    assert fast_options(fused=False, align_queries=True, kernel="TRITON") == FastOptions("triton", False, True)
+    monkeypatch.setenv("LRSA_VIZ_ALIGN_QUERIES", "maybe")
+    with pytest.raises(ValueError, match="LRSA_VIZ_ALIGN_QUERIES must be 0 or 1"):
+        fast_options()
+
+
+def test_autocast_selects_from_the_given_tensors():
+    """Under autocast (training with bf16 autocast: post-RoPE q/k in float32, v in bf16) the selection reads K/V as
+    given, like the reference path, and the attention runs in the autocast dtype."""
+    cfg, n = LagConfig(4, 16, 0.25), 150
+    q, k, v = random_qkv(n, seed=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fast_lrsa_attention(q, k, v.bfloat16(), cfg, block_size=16)
+    assert out.dtype == torch.bfloat16
+    ref = reference(q, k, v.bfloat16().float(), cfg)
+    # bf16 rounding of q, k, v and of the output: relative L2 error of a few 2^-8
+    assert ((out.float() - ref).norm() / ref.norm()).item() <= 2e-2
+    with pytest.raises(ValueError, match="one dtype"):
+        fast_lrsa_attention(q, k, v.bfloat16(), cfg, block_size=16)
+
+
 def test_cost_model_counts_the_mask():
     for cfg, n, _ in CASES:
         _, k, v = random_qkv(n, b=1, hkv=1)
@@ -169,6 +316,13 @@ def test_cost_model_counts_the_mask():
     assert lrsa_visible_pairs(40, LagConfig(16, 32, 0.25)) == dense_causal_pairs(40)
     tiles = lrsa_tiles(8192, LagConfig())
     assert tiles["dense_causal"] == 64 * 65 // 2 and tiles["partial"] + tiles["full"] < tiles["dense_causal"] / 2.5
+    # query blocks aligned with the partitions (S = 16 is not a multiple of 128): fewer tiles, half as many partial
+    for n in (8192, 32768):
+        aligned, plain = lrsa_tiles(n, LagConfig(), align_queries=True), lrsa_tiles(n, LagConfig(), align_queries=False)
+        assert aligned["partial"] + aligned["full"] < plain["partial"] + plain["full"]
+        assert aligned["partial"] < 0.5 * plain["partial"]
+    assert lrsa_tiles(8192, LagConfig(128, 128, 0.25), align_queries=True) == lrsa_tiles(
+        8192, LagConfig(128, 128, 0.25), align_queries=False)  # S a multiple of the block: nothing to align
     assert kv_cache_bytes(1000, 30, 3, 64) == 2 * 30 * 3 * 64 * 1000 * 2
     assert kv_cache_bytes(1000, 30, 3, 64, config=LagConfig()) == 2 * 30 * 3 * 64 * LagConfig().retained_length(1000) * 2
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..config import LagConfig
-from .layout import DEFAULT_BLOCK_SIZE, LrsaLayout, block_classes, visible_bounds
+from .layout import ALIGN_QUERIES, DEFAULT_BLOCK_SIZE, LrsaLayout, block_classes, visible_bounds
 
 #: Matrix products per attention call: forward QK^T and PV; backward recomputes QK^T, then dV, dP, dQ, dK.
 FORWARD_MATMULS, BACKWARD_MATMULS = 2, 5
@@ -37,13 +37,18 @@ def attention_flops(pairs: int, heads: int, head_dim: int, backward: bool = Fals
     return 2.0 * head_dim * pairs * heads * products
 
 
-def lrsa_tiles(seq_len: int, config: LagConfig, block_size: int = DEFAULT_BLOCK_SIZE) -> dict:
-    """Tiles of the fast kernel: {"partial", "full", "dense_causal"} counts of BLOCK x BLOCK tiles computed."""
+def lrsa_tiles(seq_len: int, config: LagConfig, block_size: int = DEFAULT_BLOCK_SIZE,
+               align_queries: bool = ALIGN_QUERIES) -> dict:
+    """Tiles of the fast kernel: {"partial", "full", "dense_causal"} counts of BLOCK x BLOCK tiles computed.
+
+    ``align_queries``: query blocks aligned with the partitions (the fast path's default, `lrsa_viz.fast.layout`).
+    Partial tiles evaluate the mask per element and cost more than full ones.
+    """
     n_q = -(-seq_len // block_size)
     dense = n_q * (n_q + 1) // 2
     if config.num_partitions(seq_len) < 2 or config.top_k == config.lag_size:
         return {"partial": n_q, "full": dense - n_q, "dense_causal": dense}
-    partial, full = block_classes(LrsaLayout.of(seq_len, config, block_size))
+    partial, full = block_classes(LrsaLayout.of(seq_len, config, block_size, align_queries=align_queries))
     return {"partial": int(partial.sum()), "full": int(full.sum()), "dense_causal": dense}
 
 

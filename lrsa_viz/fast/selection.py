@@ -1,7 +1,8 @@
-"""LagKV selections for the compact layout: the sink and the top-k tokens of every scored partition."""
-from __future__ import annotations
+"""LagKV selections for the compact layout: the sink and the top-k tokens of every scored partition.
 
-import functools
+Plain PyTorch; `lrsa_viz.fast.kernel.compiled_compact_positions` is the same function compiled (CUDA).
+"""
+from __future__ import annotations
 
 import torch
 
@@ -27,15 +28,3 @@ def compact_positions(keys: torch.Tensor, values: torch.Tensor, config: LagConfi
     sink = torch.arange(s, device=keys.device).expand(b, h, s)
     return torch.cat([sink, selected_positions(scores, config)], dim=-1)
 
-
-@functools.cache
-def compiled_compact_positions():
-    """`compact_positions` compiled (static shapes, one compilation per N and config; used on CUDA).
-
-    Fusing the float32 statistics (min/max over the reference, normalisation, channel std, softmax) reads K and V
-    once or twice instead of once per operation.
-    """
-    from .kernel import allow_recompiles
-
-    allow_recompiles()
-    return torch.compile(compact_positions, dynamic=False)
