@@ -399,18 +399,35 @@ def test_model_flex_with_caches(tiny):
 # ---------------------------------------------------------------------------------------------------- CUDA only
 cuda = pytest.mark.skipif(
     not torch.cuda.is_available(),
-    reason="needs CUDA: PyTorch has no FlexAttention backward on CPU, and the compiled Triton kernel is CUDA code",
+    reason="needs CUDA: PyTorch has no FlexAttention backward on CPU, and the compiled kernels are CUDA code",
 )
+KERNELS = ["triton", "flash"]
+
+
+def needs_kernel(kernel):
+    """Skip (with the reason) a FlashAttention-4 case where FlexAttention's FLASH backend cannot run."""
+    if kernel == "flash" and flash_unavailable_reason() is not None:
+        pytest.skip(f"FlashAttention-4 FLASH backend unavailable: {flash_unavailable_reason()}")
+
+
+def rel(x, ref):
+    return ((x.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
 @cuda
-@pytest.mark.parametrize("ratio", [0.25, 0.125])
-def test_cuda_bf16_outputs_and_gradients(ratio):
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("ratio, align, fused", [(0.25, True, False), (0.125, True, False), (0.25, False, False),
+                                                 (0.25, True, True)])
+def test_cuda_bf16_outputs_and_gradients(kernel, ratio, align, fused):
+    """bf16 fast path vs the float32 reference: relative L2 error at most 1e-2, and at most 1.5x the bf16
+    reference path's own error (+1e-3): the fast path may round differently, not worse than bf16 allows.
+    N = 1100: neither N nor the sink a multiple of the block."""
+    needs_kernel(kernel)
     cfg = LagConfig(16, 128, ratio)
     q, k, v = random_qkv(1100, b=2, hq=9, hkv=3, d=64, seed=4, dtype=torch.bfloat16, device="cuda")
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     grad_out = torch.randn_like(q)
-    fast = [fast_lrsa_attention(q, k, v, cfg)]
+    fast = [fast_lrsa_attention(q, k, v, cfg, kernel=kernel, align_queries=align, fused=fused)]
     fast += torch.autograd.grad(fast[0], (q, k, v), grad_out)
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
     ref = [reference(q32, k32, v32, cfg)]
@@ -418,8 +435,7 @@ def test_cuda_bf16_outputs_and_gradients(ratio):
     ref16 = [reference(q, k, v, cfg)]
     ref16 += torch.autograd.grad(ref16[0], (q, k, v), grad_out)
     for name, f, r, r16 in zip(["out", "dq", "dk", "dv"], fast, ref, ref16):
-        err = ((f.float() - r).norm() / r.norm()).item()
-        err16 = ((r16.float() - r).norm() / r.norm()).item()
+        err, err16 = rel(f, r), rel(r16, r)
         assert err <= 1e-2 and err <= 1.5 * err16 + 1e-3, (name, err, err16)
     with torch.no_grad():
         from lrsa_viz.fast import compiled_compact_positions
@@ -427,20 +443,144 @@ def test_cuda_bf16_outputs_and_gradients(ratio):
         assert torch.equal(pos, lagkv_keep_indices(k, v, cfg)[..., : pos.shape[-1]])
 
 
+def tied_keys_values(cfg, n, b=2, h=3, d=64, seed=0):
+    """K/V [B, H, N, d] bf16 on CUDA where every partition holds only three distinct token vectors, repeated
+    (counts 20/40/68 of L = 128, in random order): equal tokens get bit-identical scores, and the top-k cut
+    (k = 32) always falls inside a group of exact ties."""
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.tensor([20, 40, 68])
+    assert counts.sum() == cfg.lag_size
+    k, v = torch.randn(2, b, h, n, d, generator=g)
+    for p in range(cfg.num_partitions(n)):
+        start = cfg.sink_size + p * cfg.lag_size
+        group = torch.repeat_interleave(torch.arange(3), counts)[torch.randperm(cfg.lag_size, generator=g)]
+        for z in (k, v):  # the same grouping for K and V: a token's score depends on its group only
+            z[:, :, start:start + cfg.lag_size] = torch.randn(b, h, 3, d, generator=g)[:, :, group]
+    return [z.to("cuda", torch.bfloat16) for z in (k, v)]
+
+
 @cuda
-def test_cuda_model_training_step_matches_reference(tiny):
-    model = type(tiny)(tiny.config).to("cuda", torch.bfloat16)
-    model.load_state_dict(tiny.state_dict())
+def test_cuda_exact_ties_go_to_the_lower_position():
+    """Constructed exact ties: the compiled selection of the fast path equals the reference (eager) selection,
+    and both follow the rule: exact ties to the lower position (checked here from the scores, in Python)."""
+    from lrsa_viz.fast import compiled_compact_positions
+    from lrsa_viz.scoring import lagkv_scores
+    cfg, n = LagConfig(16, 128, 0.25), 16 + 6 * 128 + 40
+    k, v = tied_keys_values(cfg, n)
+    with torch.no_grad():
+        fast = compiled_compact_positions()(k, v, cfg)
+        ref = lagkv_keep_indices(k, v, cfg)[..., : fast.shape[-1]]
+        scores = lagkv_scores(k, v, cfg).cpu()  # [B, H, P-1, L]
+    assert torch.equal(fast, ref)
+    ties_at_the_cut = 0
+    for b, h, p in itertools.product(*(range(x) for x in scores.shape[:3])):
+        row = scores[b, h, p].tolist()
+        order = sorted(range(cfg.lag_size), key=lambda t: (-row[t], t))  # highest first, ties: lower position first
+        want = sorted(order[: cfg.top_k])
+        ties_at_the_cut += row[order[cfg.top_k - 1]] == row[order[cfg.top_k]]
+        start = cfg.sink_size + p * cfg.lag_size
+        got = (fast[b, h, cfg.sink_size + p * cfg.top_k: cfg.sink_size + (p + 1) * cfg.top_k].cpu() - start).tolist()
+        assert got == want, (b, h, p)
+    assert ties_at_the_cut == scores.shape[0] * scores.shape[1] * scores.shape[2]  # every cut is an exact tie
+
+
+@cuda
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_cuda_fast_path_makes_no_host_sync(kernel):
+    """After warm-up (compilation, block mask), forward + backward of the fast path, with and without forced
+    selections, never synchronises the host with the device (torch.cuda sync debug mode 'error' raises if so)."""
+    needs_kernel(kernel)
+    cfg = LagConfig(16, 128, 0.25)
+    q, k, v = (t.requires_grad_() for t in random_qkv(2048, b=2, hq=9, hkv=3, d=64, dtype=torch.bfloat16,
+                                                        device="cuda"))
+    grad_out = torch.randn_like(q)
+    with torch.no_grad():
+        forced = compact_positions(k, v, cfg)
+
+    def step(**kw):
+        torch.autograd.grad(fast_lrsa_attention(q, k, v, cfg, kernel=kernel, **kw), (q, k, v), grad_out)
+
+    for kw in ({}, {"positions": forced}):
+        step(**kw)  # warm-up: compiles, builds and caches the block mask
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step(**kw)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize()
+
+
+@cuda
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_cuda_model_training_step_matches_reference(tiny, kernel, monkeypatch):
+    """One bf16 training step (loss + backward) of the tiny model: fast path vs reference path, same selections.
+
+    Both runs go through the model's LRSA attention with backend='flex' (which hands full sequences to
+    `lrsa_viz.fast.fast_lrsa_attention`); for the reference run that function is replaced by the reference math
+    (dense LRSA mask from the one-shot keep mask, SDPA), and every layer's selections are recorded.
+    1. Selections: the free runs' positions are compared first. They may differ at bf16 near-ties (a layer's K/V
+       depend on the previous layers' outputs, which the two paths round differently), which is not an error of
+       the kernel; then the fast run is repeated with the reference run's selections forced (``positions=``).
+    2. Gradients, under identical selections: error against a float32 run of the same weights and selections.
+       The fast path is another bf16 implementation of the same math, so its error must be of the order of the
+       bf16 reference path's own error: at most 2x it, + 1e-3 (norms near bf16 resolution, 2^-8 ~ 4e-3).
+    """
+    needs_kernel(kernel)
+    import lrsa_viz.fast
+    from lrsa_viz.fast import compiled_compact_positions
+    real = lrsa_viz.fast.fast_lrsa_attention
     cfg = LagConfig(4, 16, 0.25)
     ids = torch.randint(0, 256, (2, 300), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
-    grads = {}
-    for backend in ("flex", "reference"):
-        model.zero_grad()
-        with lrsa(model, cfg, backend=backend):
+    model16 = type(tiny)(tiny.config).to("cuda", torch.bfloat16)
+    model16.load_state_dict(tiny.state_dict())
+    model32 = type(tiny)(tiny.config).to("cuda", torch.float32)
+    model32.load_state_dict(model16.state_dict())  # the same (bf16-rounded) weights in float32
+
+    def reference_attention(record, forced=None):
+        def attend(q, k, v, config, scaling=None, **_):
+            n, g = q.shape[2], q.shape[1] // k.shape[1]
+            with torch.no_grad():
+                c = config.sink_size + (config.num_partitions(n) - 1) * config.top_k
+                pos = forced[len(record)] if forced else lagkv_keep_indices(k.detach(), v.detach(), config)[..., :c]
+                record.append(pos)
+                visible = visibility_from_keep(keep_from_positions(pos, config, n), config).repeat_interleave(g, 1)
+            return F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1),
+                                                  attn_mask=visible, scale=scaling)
+        return attend
+
+    def fast_attention(record, forced=None):
+        def attend(q, k, v, config, scaling=None, **_):
+            if forced:
+                pos = forced[len(record)]
+            else:  # what the fast path computes inside (the same compiled function), recorded
+                with torch.no_grad():
+                    pos = compiled_compact_positions()(k.detach(), v.detach(), config)
+            record.append(pos)
+            return real(q, k, v, config, scaling, kernel=kernel, positions=pos if forced else None)
+        return attend
+
+    def step(model, attention):
+        model.zero_grad(set_to_none=True)
+        monkeypatch.setattr(lrsa_viz.fast, "fast_lrsa_attention", attention)
+        with lrsa(model, cfg, backend="flex"):
             model(ids, labels=ids).loss.backward()
-        grads[backend] = model.model.layers[0].self_attn.k_proj.weight.grad.float()
-    err = ((grads["flex"] - grads["reference"]).norm() / grads["reference"].norm()).item()
-    assert err <= 2e-2, err
+        monkeypatch.setattr(lrsa_viz.fast, "fast_lrsa_attention", real)
+        return {name: p.grad.float().clone() for name, p in model.named_parameters()}
+
+    ref_pos, fast_pos = [], []
+    ref16 = step(model16, reference_attention(ref_pos))
+    fast16 = step(model16, fast_attention(fast_pos))
+    assert len(ref_pos) == len(fast_pos) == tiny.config.num_hidden_layers
+    differing = [int((a != b).sum()) for a, b in zip(ref_pos, fast_pos)]
+    if any(differing):  # near-ties decided differently: compare under the reference run's selections
+        fast16 = step(model16, fast_attention([], forced=ref_pos))
+    fp32 = step(model32, reference_attention([], forced=ref_pos))
+    k_proj = "model.layers.0.self_attn.k_proj.weight"
+    everything = lambda g: torch.cat([x.flatten() for x in g.values()])  # noqa: E731
+    for what, pick in ((k_proj, lambda g: g[k_proj]), ("all parameters", everything)):
+        err, err16 = rel(pick(fast16), pick(fp32)), rel(pick(ref16), pick(fp32))
+        assert err <= 2 * err16 + 1e-3, (what, err, err16, f"positions differing per layer (free runs): {differing}")
 
 
 # ------------------------------------------------------------------------------------------- figures and results
