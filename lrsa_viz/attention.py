@@ -4,6 +4,15 @@
 LagKV selections from its own post-RoPE K/V (no gradient) and attends with the LRSA mask of METHOD.md §3.
 `disable_lrsa` restores the previous implementation; `lrsa(model, config)` does both as a context manager.
 
+Forced selections (``enable_lrsa(model, config, keep=...)``): a [layers, B, H_kv, N] bool tensor (what
+`LagKVCache.kept_position_mask()` returns after chunked prefill) replaces the selections the layers would compute.
+With the chunked run's selections forced, one parallel forward equals chunk-by-chunk prefill to float error
+(docs/METHOD.md §3, "forced"); without them the two runs may differ at near-ties of the scores ("free").
+
+No host sync inside a layer on CUDA: the checks that read data (NaN/inf scan) run on CPU tensors only, and what
+the layers must know about the call (is the cache compressed? how many positions?) comes from the mask interface,
+which transformers calls once per forward with plain Python integers.
+
 Backends (``enable_lrsa(model, config, backend=...)``): ``"reference"`` builds the dense [Q, N] LRSA mask (teaching,
 CPU); ``"flex"`` runs `lrsa_viz.fast.fast_lrsa_attention` (compact K/V + one FlexAttention call, no N x N mask) for
 full-sequence calls; ``"auto"`` (default) picks ``"flex"`` for CUDA tensors and ``"reference"`` otherwise.
@@ -27,7 +36,11 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _CONFIG_ATTR = "lrsa"  # model.config.lrsa: the LagConfig as a dict (saved with the model's config)
 _PREVIOUS_ATTR = "lrsa_previous_attn_implementation"
 _BACKEND_ATTR = "lrsa_backend"  # model.config.lrsa_backend: "auto" | "reference" | "flex"
+_FORCED_ATTR = "lrsa_forced_keep"  # attention module attribute: [B, H_kv, N] bool forced selections of its layer
 BACKENDS = ("auto", "reference", "flex")
+#: id(model config) -> (q_length, kv_length, kv_offset) of the model's current forward, set by the mask interface
+#: (kept out of the config itself so that it is never saved with the model)
+_CURRENT_CALL: dict[int, tuple] = {}
 
 
 def resolve_backend(backend: str | None, device: torch.device | str) -> str:
@@ -57,11 +70,19 @@ def lrsa_mask_interface(*args, attention_mask: torch.Tensor | None = None, **kwa
     if kwargs.get("q_length") == 0 or kwargs.get("batch_size") == 0:
         raise ValueError("input_ids / inputs_embeds: LRSA needs at least one sequence of at least one token, got an empty batch")
     check_right_padding(attention_mask)
+    config, q_len, kv_len, kv_offset = kwargs.get("config"), kwargs.get("q_length"), kwargs.get("kv_length"), kwargs.get("kv_offset")
+    q_offset = kwargs.get("q_offset")
+    if config is not None and isinstance(q_offset, int) and isinstance(q_len, int):
+        check_max_positions(config, q_offset + q_len, "position_ids")
+    if config is not None:
+        # kv_offset = tokens seen - tokens stored: > 0 means a compressing cache already applied the selections, and
+        # the layers attend plainly over what it holds (read by `lrsa_attention_forward`, no device sync needed)
+        _CURRENT_CALL[id(config)] = (q_len, kv_len, kv_offset)
     # flex backend, full sequence (no cache offset): no mask at all. Fast LRSA builds its own block mask, and right
     # padding needs none (a real token only sees earlier, hence real, tokens; padded positions attend to padding,
     # outputs nobody uses).
-    backend = resolve_backend(getattr(kwargs.get("config"), _BACKEND_ATTR, None), kwargs.get("device", "cpu"))
-    if backend == "flex" and kwargs.get("q_length") == kwargs.get("kv_length") and not kwargs.get("kv_offset"):
+    backend = resolve_backend(getattr(config, _BACKEND_ATTR, None), kwargs.get("device", "cpu"))
+    if backend == "flex" and q_len == kv_len and not kv_offset:
         return None
     return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
 
@@ -90,19 +111,23 @@ def lrsa_attention_forward(
     """
     config = LagConfig.from_dict(getattr(module.config, _CONFIG_ATTR))
     q_len, kv_len = query.shape[2], key.shape[2]
-    position_ids = kwargs.get("position_ids")
-    check_max_positions(module.config, int(position_ids.max()) + 1 if position_ids is not None else kv_len, "position_ids")
-    if position_ids is not None and int(position_ids[..., -1].max()) + 1 > kv_len:
+    if _over_compressed_cache(module.config, q_len, kv_len, kwargs.get("position_ids")):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    forced = forced_keep_of_layer(module, key)  # [B, H_kv, kv_len] bool or None
     backend = resolve_backend(getattr(module.config, _BACKEND_ATTR, None), query.device)
     if backend == "flex" and q_len == kv_len and attention_mask is None:  # full sequence: no N x N mask
         if dropout:
             raise ValueError(f"dropout: backend='flex' has no attention dropout, got {dropout}; use backend='reference'")
         from .fast import fast_lrsa_attention
 
-        return fast_lrsa_attention(query, key, value, config, scaling=scaling).transpose(1, 2).contiguous(), None
+        forced_kw = {} if forced is None else {"positions": forced_compact_positions(forced, config)}
+        out = fast_lrsa_attention(query, key, value, config, scaling=scaling, **forced_kw)
+        return out.transpose(1, 2).contiguous(), None
     with torch.no_grad():
-        kept = keep_mask(key.detach(), value.detach(), config)  # [B, H_kv, N]
+        if forced is None:  # the NaN/inf scan reads the data: CPU only (a device sync per layer on CUDA)
+            kept = keep_mask(key.detach(), value.detach(), config, check_finite=not key.is_cuda)  # [B, H_kv, N]
+        else:
+            kept = forced
         q_pos = torch.arange(kv_len - q_len, kv_len, device=key.device)
         visible = visibility_from_keep(kept, config, q_pos)  # [B, H_kv, Q, N]
         visible = visible.repeat_interleave(query.shape[1] // key.shape[1], dim=1)  # GQA: a group shares its KV head
@@ -111,6 +136,43 @@ def lrsa_attention_forward(
     return sdpa_attention_forward(
         module, query, key, value, visible, dropout=dropout, scaling=scaling, is_causal=False, **kwargs
     )
+
+
+def _over_compressed_cache(model_config, q_len: int, kv_len: int, position_ids: torch.Tensor | None) -> bool:
+    """True when the keys come from a compressing cache that stores fewer tokens than it has seen.
+
+    Read from what the mask interface recorded for this forward (plain integers, no device sync); only when it did
+    not run (e.g. the caller passed a ready 4D mask) are the positions compared, which reads the device once.
+    """
+    call = _CURRENT_CALL.get(id(model_config))
+    if call is not None and call[0] == q_len and call[1] == kv_len and isinstance(call[2], int):
+        return call[2] > 0
+    return position_ids is not None and int(position_ids[..., -1].max()) + 1 > kv_len
+
+
+def forced_keep_of_layer(module: torch.nn.Module, key: torch.Tensor) -> torch.Tensor | None:
+    """The forced selections of this attention layer cut to the keys present: [B, H_kv, kv_len] bool, or None."""
+    forced = getattr(module, _FORCED_ATTR, None)
+    if forced is None:
+        return None
+    b, h, kv_len = key.shape[0], key.shape[1], key.shape[2]
+    if forced.shape[0] != b or forced.shape[1] != h or forced.shape[2] < kv_len:
+        raise ValueError(
+            f"keep: layer {getattr(module, 'layer_idx', '?')} was given selections for [B, H_kv, N] = "
+            f"{tuple(forced.shape)}, but attends [B={b}, H_kv={h}] over {kv_len} keys (N must be >= the keys)"
+        )
+    return forced[..., :kv_len].to(key.device)
+
+
+def forced_compact_positions(kept: torch.Tensor, config: LagConfig) -> torch.Tensor:
+    """Forced selections in the fast path's form: ascending positions of the sink and the selected tokens of the
+    scored partitions, LongTensor [B, H_kv, S + (P - 1) k] (no device sync: a stable sort, not ``nonzero``)."""
+    n = kept.shape[-1]
+    p = config.num_partitions(n)
+    scored_end = config.sink_size + (p - 1) * config.lag_size
+    count = config.sink_size + (p - 1) * config.top_k
+    dropped = (~kept[..., :scored_end]).to(torch.int8)  # 0 = kept: a stable ascending sort puts them first, in order
+    return torch.sort(dropped, dim=-1, stable=True).indices[..., :count]
 
 
 AttentionInterface.register(LRSA_IMPLEMENTATION, lrsa_attention_forward)
@@ -138,22 +200,72 @@ def check_supported(model: PreTrainedModel) -> None:
         )
 
 
-def enable_lrsa(model: PreTrainedModel, config: LagConfig | None = None, backend: str = "auto") -> PreTrainedModel:
+def attention_modules(model: PreTrainedModel) -> list[torch.nn.Module]:
+    """The model's attention modules in layer order (those with a ``layer_idx`` and a ``k_proj``)."""
+    found = [m for m in model.modules() if getattr(m, "layer_idx", None) is not None and hasattr(m, "k_proj")]
+    return sorted(found, key=lambda m: m.layer_idx)
+
+
+def check_forced_keep(keep: torch.Tensor, model: PreTrainedModel, config: LagConfig) -> None:
+    """Raise ValueError unless ``keep`` is a [layers, B, H_kv, N] bool tensor that LagKV could have produced.
+
+    Every row must keep the whole sink and exactly ``top_k`` tokens of each scored partition (what any same-budget
+    policy of `LagKVCache` keeps); tokens after the scored partitions are seen through the lagging window anyway.
+    One check per `enable_lrsa` call (it reads the tensor), never inside a layer.
+    """
+    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.ndim != 4:
+        got = f"{keep.dtype} tensor of shape {tuple(keep.shape)}" if isinstance(keep, torch.Tensor) else type(keep).__name__
+        raise ValueError(f"keep must be a bool tensor [layers, B, H_kv, N] (LagKVCache.kept_position_mask()), got {got}")
+    layers, h_kv = model.config.num_hidden_layers, model.config.num_key_value_heads
+    if keep.shape[0] != layers or keep.shape[2] != h_kv or keep.shape[1] < 1 or keep.shape[3] < 1:
+        raise ValueError(
+            f"keep must be [layers={layers}, B >= 1, H_kv={h_kv}, N >= 1] for this model, got {tuple(keep.shape)}"
+        )
+    n, s, lag = keep.shape[3], config.sink_size, config.lag_size
+    p = config.num_partitions(n)
+    if not bool(keep[..., : min(s, n)].all()):
+        raise ValueError(f"keep must keep the whole sink (positions 0..{s - 1}) in every layer, batch row and head")
+    if p >= 2:
+        counts = keep[..., s: s + (p - 1) * lag].reshape(*keep.shape[:3], p - 1, lag).sum(-1)
+        if not bool((counts == config.top_k).all()):
+            bad = (counts != config.top_k).nonzero()[0].tolist()
+            raise ValueError(
+                f"keep must keep exactly top_k = int(ratio * lag_size) = {config.top_k} tokens of every scored partition; "
+                f"layer {bad[0]}, batch {bad[1]}, head {bad[2]}, partition {bad[3]} keeps "
+                f"{int(counts[tuple(bad)])} (was it made with the same LagConfig?)"
+            )
+
+
+def enable_lrsa(model: PreTrainedModel, config: LagConfig | None = None, backend: str = "auto",
+                keep: torch.Tensor | None = None) -> PreTrainedModel:
     """Make every attention layer of ``model`` use LRSA with ``config`` (default LagConfig()). Returns the model.
 
     ``backend``: ``"auto"`` (flex on CUDA, reference elsewhere), ``"reference"`` or ``"flex"`` (module docstring).
+    ``keep``: optional forced selections, [layers, B, H_kv, N] bool (e.g. `LagKVCache.kept_position_mask()`), used
+    instead of the selections each layer would compute, for inputs of B rows and at most N tokens; None computes them.
     """
     check_supported(model)
     config = config or LagConfig()
     if not isinstance(config, LagConfig):
         raise ValueError(f"config must be a LagConfig, got {type(config).__name__}")
     resolve_backend(backend, "cpu")  # validates the name
+    if keep is not None:
+        check_forced_keep(keep, model, config)
+        keep = keep.to(next(model.parameters()).device)  # once here, not per layer and call
     if model.config._attn_implementation != LRSA_IMPLEMENTATION:
         setattr(model.config, _PREVIOUS_ATTR, model.config._attn_implementation or "sdpa")
     setattr(model.config, _CONFIG_ATTR, config.to_dict())
     setattr(model.config, _BACKEND_ATTR, backend)
+    for module in attention_modules(model):
+        setattr(module, _FORCED_ATTR, None if keep is None else keep[module.layer_idx])
     model.set_attn_implementation(LRSA_IMPLEMENTATION)
     return model
+
+
+def forced_keep_of(model: PreTrainedModel) -> torch.Tensor | None:
+    """The forced selections the model runs with ([layers, B, H_kv, N] bool), or None."""
+    kept = [getattr(m, _FORCED_ATTR, None) for m in attention_modules(model)]
+    return None if not kept or kept[0] is None else torch.stack(kept)
 
 
 def disable_lrsa(model: PreTrainedModel) -> PreTrainedModel:
@@ -163,6 +275,10 @@ def disable_lrsa(model: PreTrainedModel) -> PreTrainedModel:
     for attr in (_CONFIG_ATTR, _PREVIOUS_ATTR, _BACKEND_ATTR):
         if hasattr(model.config, attr):
             delattr(model.config, attr)
+    for module in attention_modules(model):
+        if hasattr(module, _FORCED_ATTR):
+            delattr(module, _FORCED_ATTR)
+    _CURRENT_CALL.pop(id(model.config), None)
     return model
 
 
@@ -181,15 +297,19 @@ def lrsa_backend_of(model: PreTrainedModel) -> str | None:
 
 
 @contextlib.contextmanager
-def lrsa(model: PreTrainedModel, config: LagConfig | None = None, backend: str = "auto") -> Iterator[PreTrainedModel]:
-    """``with lrsa(model, cfg): ...`` runs the block with LRSA on and restores the previous state after."""
+def lrsa(model: PreTrainedModel, config: LagConfig | None = None, backend: str = "auto",
+         keep: torch.Tensor | None = None) -> Iterator[PreTrainedModel]:
+    """``with lrsa(model, cfg): ...`` runs the block with LRSA on and restores the previous state after.
+
+    ``keep``: forced selections (see `enable_lrsa`), e.g. ``with lrsa(model, cfg, keep=cache.kept_position_mask())``.
+    """
     check_supported(model)
-    previous, previous_backend = lrsa_config_of(model), lrsa_backend_of(model)
-    enable_lrsa(model, config, backend)
+    previous, previous_backend, previous_keep = lrsa_config_of(model), lrsa_backend_of(model), forced_keep_of(model)
+    enable_lrsa(model, config, backend, keep)
     try:
         yield model
     finally:
         if previous is None:
             disable_lrsa(model)
         else:
-            enable_lrsa(model, previous, previous_backend)
+            enable_lrsa(model, previous, previous_backend, previous_keep)

@@ -45,17 +45,24 @@ def chunked_prefill(
     attention_mask: torch.Tensor | None = None,
     progress: bool = False,
     policy: str | Policy | None = None,
+    cache: LagKVCache | None = None,
 ) -> tuple[torch.Tensor, LagKVCache]:
     """Feed ``input_ids`` [B, N] chunk by chunk through a recursive `LagKVCache` (``policy`` default: LagKV).
 
+    ``cache``: an empty recursive LagKVCache to fill (default: a new one with ``config`` and ``policy``).
     Returns:
         (logits [B, N, V] of every position, the cache after the last chunk).
     Batches must be unpadded: a padded ``attention_mask`` raises ValueError (LagKV partitions would not line up).
+    ``input_ids`` are moved to the model's device.
     """
     check_prefill_inputs(model, input_ids, config)
     if attention_mask is not None and not bool(attention_mask.bool().all()):
         raise ValueError("attention_mask: chunked_prefill does not support padded batches; run rows separately")
-    cache = LagKVCache(config, mode="recursive", policy=policy)
+    if cache is None:
+        cache = LagKVCache(config, mode="recursive", policy=policy)
+    elif not isinstance(cache, LagKVCache) or cache.mode != "recursive" or cache.get_seq_length() != 0:
+        raise ValueError("cache must be an empty LagKVCache with mode='recursive'")
+    input_ids = input_ids.to(model.device)
     logits = []
     for start, end in tqdm(prefill_chunks(input_ids.shape[1], config), desc="chunked prefill", disable=not progress):
         out = model(input_ids=input_ids[:, start:end], past_key_values=cache, use_cache=True)
@@ -79,6 +86,7 @@ def compressed_generate(
     Returns the [B, N + new] sequences, like ``generate``.
     """
     check_prefill_inputs(model, input_ids, config)
+    input_ids = input_ids.to(model.device)
     new_tokens = generate_kwargs.get("max_new_tokens")
     if new_tokens is not None:
         check_max_positions(model.config, input_ids.shape[1] + new_tokens, "input_ids + max_new_tokens")

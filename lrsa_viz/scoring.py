@@ -13,8 +13,12 @@ from .config import LagConfig
 RANGE_EPS = 1e-6
 
 
-def check_kv(keys: torch.Tensor, values: torch.Tensor) -> None:
-    """Raise ValueError unless keys and values are finite float [B, H_kv, N, d] tensors of one shape with d >= 2."""
+def check_kv(keys: torch.Tensor, values: torch.Tensor, finite: bool = True) -> None:
+    """Raise ValueError unless keys and values are finite float [B, H_kv, N, d] tensors of one shape with d >= 2.
+
+    ``finite=False`` skips the NaN/inf scan, the one check that reads the data (a device sync on CUDA): hot paths
+    inside a model forward pass it for CUDA tensors, public entry points keep it.
+    """
     for name, t in (("keys", keys), ("values", values)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor of shape [B, H_kv, N, d], got {type(t).__name__}")
@@ -26,8 +30,9 @@ def check_kv(keys: torch.Tensor, values: torch.Tensor) -> None:
         raise ValueError(f"keys and values must have the same shape, got {tuple(keys.shape)} and {tuple(values.shape)}")
     if keys.shape[-1] < 2:
         raise ValueError(f"head dim d must be >= 2 (the score is a std over channels), got {keys.shape[-1]}")
-    for name, t in (("keys", keys), ("values", values)):
-        check_finite(name, t)
+    if finite:
+        for name, t in (("keys", keys), ("values", values)):
+            check_finite(name, t)
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:
@@ -60,7 +65,7 @@ def token_std_scores(z: torch.Tensor, lag_size: int) -> torch.Tensor:
     return normalised.std(dim=-1).softmax(dim=-1)
 
 
-def lagkv_scores(keys: torch.Tensor, values: torch.Tensor, config: LagConfig) -> torch.Tensor:
+def lagkv_scores(keys: torch.Tensor, values: torch.Tensor, config: LagConfig, check_finite: bool = True) -> torch.Tensor:
     """LagKV scores ``a_K + score_v_ratio * a_V`` of every scored partition.
 
     Args:
@@ -68,8 +73,9 @@ def lagkv_scores(keys: torch.Tensor, values: torch.Tensor, config: LagConfig) ->
     Returns:
         [B, H_kv, max(P - 1, 0), L] float32. Row p scores partition p (tokens S + p*L ... S + (p+1)*L - 1)
         against partition p + 1. Empty when N < S + 2L.
+    ``check_finite=False`` skips the NaN/inf scan (see `check_kv`).
     """
-    check_kv(keys, values)
+    check_kv(keys, values, finite=check_finite)
     s, lag = config.sink_size, config.lag_size
     p = config.num_partitions(keys.shape[-2])
     b, h, _, _ = keys.shape
@@ -84,12 +90,16 @@ def lagkv_scores(keys: torch.Tensor, values: torch.Tensor, config: LagConfig) ->
 def select_top_k(scores: torch.Tensor, top_k: int) -> torch.Tensor:
     """Offsets (within their partition) of the top_k tokens of each scored partition, ascending.
 
+    THE selection rule of the project (METHOD.md §2): the ``top_k`` highest scores; EXACT ties go to the lower
+    position. A stable descending sort keeps equal scores in position order, so the rule holds on every device
+    (``torch.topk`` promises no order among ties, on CUDA in particular).
     Args:
         scores: [B, H, P', L].
     Returns:
         LongTensor [B, H, P', top_k].
     """
-    return scores.topk(top_k, dim=-1).indices.sort(dim=-1).values
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    return order[..., :top_k].sort(dim=-1).values
 
 
 def selected_positions(scores: torch.Tensor, config: LagConfig) -> torch.Tensor:
@@ -105,7 +115,8 @@ def selected_positions(scores: torch.Tensor, config: LagConfig) -> torch.Tensor:
     return (offsets + starts[:, None]).flatten(2)
 
 
-def lagkv_keep_indices(keys: torch.Tensor, values: torch.Tensor, config: LagConfig) -> torch.Tensor:
+def lagkv_keep_indices(keys: torch.Tensor, values: torch.Tensor, config: LagConfig,
+                       check_finite: bool = True) -> torch.Tensor:
     """Positions kept by one-shot LagKV compression, ascending.
 
     Sink + top-k of each scored partition + the last full partition + the remainder.
@@ -114,7 +125,7 @@ def lagkv_keep_indices(keys: torch.Tensor, values: torch.Tensor, config: LagConf
     Returns:
         LongTensor [B, H_kv, n_kept] with n_kept == config.retained_length(N) (METHOD eq. 12).
     """
-    scores = lagkv_scores(keys, values, config)
+    scores = lagkv_scores(keys, values, config, check_finite)
     b, h, n, _ = keys.shape
     device = keys.device
     if scores.shape[2] == 0:
@@ -125,9 +136,9 @@ def lagkv_keep_indices(keys: torch.Tensor, values: torch.Tensor, config: LagConf
     return torch.cat([sink, selected_positions(scores, config), tail], dim=-1)
 
 
-def keep_mask(keys: torch.Tensor, values: torch.Tensor, config: LagConfig) -> torch.Tensor:
+def keep_mask(keys: torch.Tensor, values: torch.Tensor, config: LagConfig, check_finite: bool = True) -> torch.Tensor:
     """Boolean form of `lagkv_keep_indices`: [B, H_kv, N], True where one-shot compression keeps the token."""
-    idx = lagkv_keep_indices(keys, values, config)
+    idx = lagkv_keep_indices(keys, values, config, check_finite)
     b, h, n, _ = keys.shape
     mask = torch.zeros(b, h, n, dtype=torch.bool, device=keys.device)
     return mask.scatter_(-1, idx, True)

@@ -56,8 +56,23 @@ def data_and_training_fingerprints(workdir: Path, seed: int = 0) -> dict:
                          steps=3, batch_size=2, lr=3e-3, warmup_steps=1, seed=seed, precision="fp32",
                          lag=LagConfig(sink_size=4, lag_size=32, ratio=0.25).to_dict())
     history = train(config, progress=False)
-    return {"data": digest(examples), "losses": [repr(r["train_loss"]) for r in history],
-            "grad_norms": [repr(r["grad_norm"]) for r in history]}
+    return {"data": digest(examples), "losses": [r["train_loss"] for r in history],
+            "grad_norms": [r["grad_norm"] for r in history]}
+
+
+#: Training losses and gradient norms are float reductions: another thread count (or CPU) sums in another order, so
+#: they are compared to a relative tolerance, never bit for bit (seen: grad norms 15.477532 vs 15.477533, 1 vs 2
+#: threads). 1e-4 is ~1000 float32 ulps, far below what another seed or another data order changes (>1e-2).
+FLOAT_RTOL = 1e-4
+
+
+def assert_same_results(got: dict, want: dict) -> None:
+    """Data digests exactly; losses and gradient norms to FLOAT_RTOL."""
+    assert got["data"] == want["data"]
+    for key in ("losses", "grad_norms"):
+        assert len(got[key]) == len(want[key])
+        for a, b in zip(got[key], want[key]):
+            assert abs(a - b) <= FLOAT_RTOL * abs(b), (key, got[key], want[key])
 
 
 # --- selections ---------------------------------------------------------------------------------------------
@@ -105,13 +120,15 @@ def reference(tmp_path_factory):
 def test_same_seed_same_data_and_losses_in_process(reference, tmp_path):
     disturb_global_rngs(999)
     again = data_and_training_fingerprints(tmp_path, seed=0)
-    assert again == reference
+    assert_same_results(again, reference)
     other = data_and_training_fingerprints(tmp_path, seed=1)
-    assert other["data"] != reference["data"] and other["losses"] != reference["losses"]
+    assert other["data"] != reference["data"]
+    assert any(abs(a - b) > 100 * FLOAT_RTOL * abs(b) for a, b in zip(other["losses"], reference["losses"]))
 
 
 def test_same_seed_same_results_in_a_fresh_process(reference, tmp_path):
-    """Another interpreter (another PYTHONHASHSEED, fresh RNGs, 1 thread) reproduces every fingerprint exactly."""
+    """Another interpreter (another PYTHONHASHSEED, fresh RNGs, 1 thread) reproduces the data and the selections
+    exactly and the losses to FLOAT_RTOL."""
     code = (
         "import json, sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); import test_determinism as t; "
         "print(json.dumps({**t.data_and_training_fingerprints(Path(sys.argv[2]), 0), "
@@ -124,4 +141,4 @@ def test_same_seed_same_results_in_a_fresh_process(reference, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     fresh = json.loads(done.stdout.strip().splitlines()[-1])
     assert fresh.pop("selections") == selection_fingerprints(seed=5)
-    assert fresh == reference
+    assert_same_results(fresh, reference)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lrsa_viz import LagConfig, keep_mask, lagkv_keep_indices, lagkv_scores
+from lrsa_viz.scoring import select_top_k
 
 
 def loop_reference_scores(keys, values, cfg):
@@ -121,3 +122,53 @@ def test_gqa_shapes_and_independent_heads():
 def test_bad_tensors(keys, values, match):
     with pytest.raises(ValueError, match=match):
         lagkv_scores(keys, values, LagConfig(1, 2, 0.5))
+
+
+# --- the tie rule: exact ties go to the lower position, everywhere a selection is made ----------------------------
+
+def tied_kv(device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor, LagConfig]:
+    """K/V whose partition 0 holds copies of 3 distinct tokens (every copy of a token has the same score, exactly)
+    and partition 1 random (a reference with a real range). Returns (keys, values, config); tokens [1, 2, 4+2L+5, 8]."""
+    cfg = LagConfig(sink_size=4, lag_size=12, ratio=0.25)  # top_k = 3
+    g = torch.Generator().manual_seed(11)
+    n = cfg.sink_size + 2 * cfg.lag_size + 5
+    k, v = torch.randn(1, 2, n, 8, generator=g), torch.randn(1, 2, n, 8, generator=g)
+    pattern = torch.tensor([0, 1, 2] * 4)  # partition 0 = tokens a b c a b c ...: each score appears 4 times
+    for z in (k, v):
+        base = z[:, :, cfg.sink_size: cfg.sink_size + 3].clone()
+        z[:, :, cfg.sink_size: cfg.sink_size + cfg.lag_size] = base[:, :, pattern]
+    return k.to(device), v.to(device), cfg
+
+
+def expected_tied_selection(k, v, cfg) -> list[int]:
+    """The rule by hand: rank the 3 distinct tokens by score; take the k best slots, lower positions first."""
+    scores = lagkv_scores(k, v, cfg)[0, 0, 0]
+    order = sorted(range(cfg.lag_size), key=lambda i: (-float(scores[i]), i))
+    return sorted(cfg.sink_size + i for i in order[: cfg.top_k])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_exact_ties_go_to_the_lower_position(device):
+    from lrsa_viz.cache import compress_once
+    from lrsa_viz.fast import compact_positions
+
+    k, v, cfg = tied_kv(device)
+    scores = lagkv_scores(k, v, cfg)[0, 0, 0]
+    assert len(set(scores.tolist())) == 3  # three distinct values, each tied 4 times: the rule decides
+    want = expected_tied_selection(k, v, cfg)
+    assert len(want) == 3 and max(want) - min(want) == 6  # 3 copies of the best token, 3 apart: 4 exist
+    picked = lagkv_keep_indices(k, v, cfg)[0, 0, cfg.sink_size: cfg.sink_size + cfg.top_k].tolist()
+    assert picked == want
+    assert compress_once(k, v, cfg)[0, 0, cfg.sink_size: cfg.sink_size + cfg.top_k].tolist() == want
+    assert compact_positions(k, v, cfg)[0, 0, cfg.sink_size:].tolist() == want
+    if device == "cuda":
+        from lrsa_viz.fast import compiled_compact_positions
+        assert compiled_compact_positions()(k, v, cfg)[0, 0, cfg.sink_size:].tolist() == want
+
+
+def test_select_top_k_breaks_ties_by_position_on_a_large_flat_row():
+    scores = torch.zeros(2, 3, 4, 128)
+    scores[..., 77] = 1.0  # one clear winner, then 127 exact ties
+    got = select_top_k(scores, 5)
+    assert got.tolist() == [[[[0, 1, 2, 3, 77]] * 4] * 3] * 2

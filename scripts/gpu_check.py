@@ -1,0 +1,140 @@
+"""The GPU half of the test suite in one command: every unit test (the CUDA ones run, nothing is skipped for want of
+a GPU) and every notebook in its full profile through nbval, spread over the visible GPUs; one JSON record.
+
+    bash scripts/gpu_check.sh [RESULTS_DIR]         # RESULTS_DIR default: data/results
+
+Writes RESULTS_DIR/gpu_check.json (pass/fail and wall time of each part, CUDA tests by name, GPU names, torch
+version, the command) and RESULTS_DIR/gpu_check.log (the last lines of every part's output). Exit status 1 if any
+part failed. Parts run in parallel, one per GPU at a time, longest first (unit tests use pytest-xdist workers when
+pytest-xdist is installed). ``--parts units notebooks/01_lagkv_step_by_step.ipynb ...`` runs a subset.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+#: Expected minutes of each part on one H200 (order of scheduling: longest first); unknown parts count as 3.
+EXPECTED_MIN = {"units": 4, "notebooks/04_finetune.ipynb": 6, "notebooks/05_explorer.ipynb": 3,
+                "notebooks/06_performance.ipynb": 3}
+NBVAL = ["--nbval-lax", "--nbval-current-env", "--sanitize-with", "notebooks/sanitize.cfg"]
+
+
+def gpu_names() -> list[str]:
+    import torch
+
+    return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+
+
+def part_command(part: str, junit: Path, workers: int) -> list[str]:
+    base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}"]
+    if part == "units":
+        xdist = ["-n", str(workers)] if workers > 1 and has_module("xdist") else []
+        return base + xdist + ["tests"]
+    return base + NBVAL + [part]
+
+
+def has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def junit_summary(path: Path) -> dict:
+    """Counts and the outcome of every test whose name mentions cuda, from a pytest JUnit XML file."""
+    if not path.exists():
+        return {"error": "no junit report"}
+    counts = {"passed": 0, "failed": 0, "skipped": 0}
+    cuda = {}
+    for case in ET.parse(path).getroot().iter("testcase"):
+        outcome = "failed" if case.find("failure") is not None or case.find("error") is not None else (
+            "skipped" if case.find("skipped") is not None else "passed")
+        counts[outcome] += 1
+        name = f"{case.get('classname')}::{case.get('name')}"
+        if "cuda" in name.lower():
+            cuda[name] = outcome
+    return {**counts, "cuda_tests": cuda}
+
+
+def run_part(part: str, gpu: int, workdir: Path, workers: int) -> dict:
+    junit = workdir / (part.replace("/", "_") + ".xml")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu), "LRSA_VIZ_PROFILE": "full", "TQDM_DISABLE": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    start = time.time()
+    done = subprocess.run(part_command(part, junit, workers), cwd=ROOT, env=env, capture_output=True, text=True)
+    wall = time.time() - start
+    return {"part": part, "gpu": gpu, "passed": done.returncode == 0, "returncode": done.returncode,
+            "wall_s": round(wall, 1), **junit_summary(junit), "output_tail": (done.stdout + done.stderr)[-4000:]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", nargs="?", default="data/results", help="directory for gpu_check.json / .log")
+    parser.add_argument("--parts", nargs="+", help="subset: 'units' and/or notebook paths (default: all)")
+    parser.add_argument("--workdir", default="/tmp/lrsa_viz_gpu_check")
+    args = parser.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("gpu_check: no CUDA GPU visible; this command checks the GPU half (CPU CI runs `make test`)", file=sys.stderr)
+        return 2
+    parts = args.parts or ["units"] + sorted(str(p.relative_to(ROOT)) for p in (ROOT / "notebooks").glob("*.ipynb"))
+    parts.sort(key=lambda p: -EXPECTED_MIN.get(p, 3))
+    gpus = list(range(torch.cuda.device_count()))
+    workers = max(1, min(8, (os.cpu_count() or 2) // (2 * len(gpus))))
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    todo: queue.Queue[str] = queue.Queue()
+    for p in parts:
+        todo.put(p)
+    results: list[dict] = []
+    lock = threading.Lock()
+
+    def worker(gpu: int) -> None:
+        while True:
+            try:
+                part = todo.get_nowait()
+            except queue.Empty:
+                return
+            result = run_part(part, gpu, workdir, workers)
+            with lock:
+                results.append(result)
+                print(f"[gpu {gpu}] {part}: {'PASS' if result['passed'] else 'FAIL'} in {result['wall_s']} s", flush=True)
+
+    start = time.time()
+    threads = [threading.Thread(target=worker, args=(g,)) for g in gpus]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    results.sort(key=lambda r: parts.index(r["part"]))
+    import transformers
+
+    record = {
+        "command": "bash scripts/gpu_check.sh " + " ".join(sys.argv[1:] if argv is None else argv),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "gpus": gpu_names(), "torch": torch.__version__, "cuda": torch.version.cuda,
+        "transformers": transformers.__version__, "python": sys.version.split()[0],
+        "all_passed": all(r["passed"] for r in results), "wall_s": round(time.time() - start, 1),
+        "parts": [{k: v for k, v in r.items() if k != "output_tail"} for r in results],
+    }
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_check.json").write_text(json.dumps(record, indent=1) + "\n")
+    (out / "gpu_check.log").write_text("".join(f"==== {r['part']} (gpu {r['gpu']}, {r['wall_s']} s, "
+                                               f"{'PASS' if r['passed'] else 'FAIL'})\n{r['output_tail']}\n"
+                                               for r in results))
+    print(json.dumps({k: record[k] for k in ("all_passed", "wall_s", "gpus", "torch")}))
+    return 0 if record["all_passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

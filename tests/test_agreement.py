@@ -1,0 +1,97 @@
+"""Free-run comparison (lrsa_viz.agreement) and the forced-selection plumbing, on synthetic scores and the tiny model."""
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from lrsa_viz import LagConfig, chunked_prefill
+from lrsa_viz.agreement import NEAR_TIE_FRACTION, compare_selections, find_flips, logit_tolerance, selection_mask
+from lrsa_viz.attention import forced_compact_positions
+from lrsa_viz.fast import compact_positions
+from lrsa_viz.scoring import keep_mask
+
+CFG = LagConfig(sink_size=2, lag_size=8, ratio=0.25)  # top_k = 2
+
+
+def flat_scores(seed: int = 0) -> torch.Tensor:
+    """[layers=2, B=1, H=2, P-1=3, L=8] scores near 2/L with distinct values 1e-3 apart (no ties)."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.stack([torch.randperm(8, generator=g) for _ in range(12)]).reshape(2, 1, 2, 3, 8)
+    return 2 / 8 + 1e-3 * order.float()
+
+
+def test_no_flips_when_scores_agree():
+    s = flat_scores()
+    assert find_flips(s, s + 1e-9, CFG) == []
+
+
+def test_a_near_tie_is_a_flip_with_a_small_gap():
+    par = flat_scores()
+    chk = par.clone()
+    row = par[1, 0, 1, 2]
+    second, third = row.argsort(descending=True)[1:3].tolist()  # boundary pair at top_k = 2
+    chk[1, 0, 1, 2, third] = row[second] + 1e-7  # the chunked run sees the third token 1e-7 above the second
+    chk[1, 0, 1, 2, second] = row[second] - 1e-8
+    flips = find_flips(par, chk, CFG)
+    assert len(flips) == 1
+    f = flips[0]
+    assert (f.layer, f.batch, f.kv_head, f.partition) == (1, 0, 1, 2)
+    assert (f.parallel_only, f.chunked_only) == (2 + 2 * 8 + second, 2 + 2 * 8 + third)
+    assert f.gap <= 2 * f.drift and f.gap < NEAR_TIE_FRACTION * 2 / 8
+
+
+def test_a_real_disagreement_is_not_a_near_tie():
+    """Scores of another window (what a bug in the reference window would give) disagree by far more than drift."""
+    from lrsa_viz.agreement import SelectionAgreement
+
+    par, other = flat_scores(0), flat_scores(1)
+    flips = find_flips(par, other, CFG)
+    assert len(flips) > 3
+    agreement = SelectionAgreement(CFG, selection_mask(par, 28, CFG), selection_mask(other, 28, CFG), par, other,
+                                   torch.zeros(1, 28, 4), torch.zeros(1, 28, 4), flips)
+    assert not agreement.all_near_ties()
+    assert agreement.n_flips == len(flips) and agreement.kept_slots == 2 * 1 * 2 * 3 * 2
+
+
+def test_selection_mask_is_keep_mask():
+    g = torch.Generator().manual_seed(3)
+    k, v = torch.randn(2, 3, 45, 8, generator=g), torch.randn(2, 3, 45, 8, generator=g)
+    from lrsa_viz import lagkv_scores
+
+    assert torch.equal(selection_mask(lagkv_scores(k, v, CFG), 45, CFG), keep_mask(k, v, CFG))
+
+
+def test_forced_compact_positions_equal_the_computed_ones():
+    g = torch.Generator().manual_seed(4)
+    k, v = torch.randn(2, 3, 61, 8, generator=g), torch.randn(2, 3, 61, 8, generator=g)
+    assert torch.equal(forced_compact_positions(keep_mask(k, v, CFG), CFG), compact_positions(k, v, CFG))
+
+
+def test_compare_selections_tiny(tiny):
+    ids = torch.randint(0, 256, (2, 70), generator=torch.Generator().manual_seed(8))
+    agreement = compare_selections(tiny, ids, CFG)
+    _, cache = chunked_prefill(tiny, ids, CFG)
+    assert torch.equal(agreement.chunked_keep, cache.kept_position_mask())
+    assert agreement.all_near_ties()
+    assert agreement.max_drift < 1e-5  # float32 rounding of two matmul shapes, scores ~ 2/L = 0.25
+    assert agreement.max_logit_diff <= logit_tolerance(agreement.chunked_logits)
+
+
+def test_gpu_check_refuses_without_cuda_and_reads_junit(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    if not torch.cuda.is_available():
+        done = subprocess.run([sys.executable, str(root / "scripts" / "gpu_check.py"), str(tmp_path)],
+                              capture_output=True, text=True, env={"CUDA_VISIBLE_DEVICES": "", "PATH": ""})
+        assert done.returncode == 2 and "no CUDA GPU" in done.stderr
+    sys.path.insert(0, str(root / "scripts"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.pop(0)
+    xml = tmp_path / "r.xml"
+    xml.write_text('<testsuites><testsuite><testcase classname="tests.test_fast" name="test_cuda_x"/>'
+                   '<testcase classname="t" name="b"><failure/></testcase>'
+                   '<testcase classname="t" name="c"><skipped/></testcase></testsuite></testsuites>')
+    assert gpu_check.junit_summary(xml) == {"passed": 1, "failed": 1, "skipped": 1,
+                                            "cuda_tests": {"tests.test_fast::test_cuda_x": "passed"}}
