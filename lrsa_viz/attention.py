@@ -120,8 +120,8 @@ def lrsa_attention_forward(
             raise ValueError(f"dropout: backend='flex' has no attention dropout, got {dropout}; use backend='reference'")
         from .fast import fast_lrsa_attention
 
-        forced_kw = {} if forced is None else {"positions": forced_compact_positions(forced, config)}
-        out = fast_lrsa_attention(query, key, value, config, scaling=scaling, **forced_kw)
+        positions = None if forced is None else forced_compact_positions(forced, config)
+        out = fast_lrsa_attention(query, key, value, config, scaling=scaling, positions=positions)
         return out.transpose(1, 2).contiguous(), None
     with torch.no_grad():
         if forced is None:  # the NaN/inf scan reads the data: CPU only (a device sync per layer on CUDA)

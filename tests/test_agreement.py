@@ -95,3 +95,25 @@ def test_gpu_check_refuses_without_cuda_and_reads_junit(tmp_path):
                    '<testcase classname="t" name="c"><skipped/></testcase></testsuite></testsuites>')
     assert gpu_check.junit_summary(xml) == {"passed": 1, "failed": 1, "skipped": 1,
                                             "cuda_tests": {"tests.test_fast::test_cuda_x": "passed"}}
+
+
+def test_forced_selections_flex_equals_reference_cpu(tiny):
+    """The fast path honours forced selections like the reference path (flex's CPU forward is PyTorch's reference
+    implementation of FlexAttention; on CUDA, tests/test_fast.py compares the compiled kernels)."""
+    from lrsa_viz import lrsa
+
+    cfg = LagConfig(2, 16, 0.25)
+    ids = torch.randint(0, 256, (2, 90), generator=torch.Generator().manual_seed(9))
+    _, cache = chunked_prefill(tiny, ids, cfg)
+    keep = cache.kept_position_mask()
+    other = keep.clone()
+    other[..., 2:18] = keep[..., 2:18].flip(-1)  # another valid selection of partition 0: mirrored offsets
+    with torch.no_grad():
+        outs = {}
+        for backend in ("reference", "flex"):
+            for name, k in (("chunked", keep), ("mirrored", other)):
+                with lrsa(tiny, cfg, backend=backend, keep=k):
+                    outs[backend, name] = tiny(ids).logits
+    for name in ("chunked", "mirrored"):
+        assert (outs["flex", name] - outs["reference", name]).abs().max().item() <= 1e-4
+    assert (outs["reference", "mirrored"] - outs["reference", "chunked"]).abs().max().item() > 1e-3
