@@ -1,5 +1,7 @@
 """lrsa-viz: learn, see and use Lag-Relative Sparse Attention (LRSA) and LagKV KV-cache compression."""
-from .attention import SUPPORTED_MODEL_TYPES, disable_lrsa, enable_lrsa, lrsa, lrsa_attention_forward, lrsa_config_of
+from .agreement import SelectionAgreement, compare_selections
+from .attention import (SUPPORTED_MODEL_TYPES, disable_lrsa, enable_lrsa, lrsa, lrsa_attention_forward, lrsa_backend_of,
+                        lrsa_config_of)
 from .cache import LagKVCache, LagKVLayer, compress_once
 from .config import LagConfig
 from .mask import lrsa_visibility, partition_index, visibility_from_keep
@@ -14,5 +16,5 @@ __all__ = [
     "partition_index", "enable_lrsa", "disable_lrsa", "lrsa", "lrsa_config_of", "lrsa_attention_forward",
     "SUPPORTED_MODEL_TYPES", "LagKVCache", "LagKVLayer", "chunked_prefill", "compressed_generate", "prefill_chunks", "load_model",
     "tiny_model", "compress_once", "Policy", "LagKVPolicy", "RandomPolicy", "StreamingPolicy", "POLICIES",
-    "make_policy", "run_profile", "environment_record",
+    "make_policy", "run_profile", "environment_record", "lrsa_backend_of", "compare_selections", "SelectionAgreement",
 ]

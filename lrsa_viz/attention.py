@@ -1,7 +1,7 @@
 """LRSA inside a transformers model, through its attention and mask interfaces (no copied model code).
 
 `enable_lrsa(model, config)` registers the attention implementation ``"lrsa"``: every attention layer computes
-LagKV selections from its own post-RoPE K/V (no gradient) and attends with the LRSA mask of METHOD.md §3.
+LagKV selections from its own post-RoPE K/V (no gradient) and attends with the LRSA mask of docs/METHOD.md §3.
 `disable_lrsa` restores the previous implementation; `lrsa(model, config)` does both as a context manager.
 
 Forced selections (``enable_lrsa(model, config, keep=...)``): a [layers, B, H_kv, N] bool tensor (what

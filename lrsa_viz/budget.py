@@ -2,7 +2,7 @@
 
 LagKV keeps ``int(r * L)`` tokens of every scored partition. An answer that must be read back from the document
 (a passkey, a code) and is longer than that cannot survive whole in one partition: retrieval collapses when
-``r * L`` approaches the answer's length (METHOD.md §5, the 64-digit passkey result). Evaluation and LRSA training
+``r * L`` approaches the answer's length (docs/METHOD.md §5, the 64-digit passkey result). Evaluation and LRSA training
 call `warn_if_answers_exceed_budget` so that a setting that cannot work says so instead of scoring silently low.
 """
 from __future__ import annotations
@@ -47,7 +47,7 @@ def warn_if_answers_exceed_budget(tokenizer, examples: Sequence[dict], config: L
             f"{where}: {len(over)} of {len(examples)} answers are longer than the {config.top_k} tokens LagKV keeps "
             f"per partition (int(ratio * lag_size) = int({config.ratio} * {config.lag_size})); the longest has "
             f"{longest} tokens. Such an answer cannot be kept whole when it lies in a compressed partition "
-            f"(METHOD.md §5): expect low scores, or raise ratio or lag_size so that int(ratio * lag_size) >= {longest}.",
+            f"(docs/METHOD.md §5): expect low scores, or raise ratio or lag_size so that int(ratio * lag_size) >= {longest}.",
             AnswerBudgetWarning,
             stacklevel=2,
         )

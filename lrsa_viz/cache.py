@@ -2,7 +2,7 @@
 
 Each layer stores, per batch element and KV head, ``[sink | selected tokens | uncompressed tail]``. The tail
 starts at absolute position ``tail_start``; whenever it holds two or more full partitions, every partition
-that has a complete successor (its reference) is scored and cut to its top-k tokens (METHOD.md §4).
+that has a complete successor (its reference) is scored and cut to its top-k tokens (docs/METHOD.md §4).
 Stored tokens keep their original RoPE positions: ``get_seq_length()`` returns the number of tokens SEEN, so
 new tokens get absolute positions, and the attention mask is sized with ``kv_offset = seen - stored``.
 """
@@ -115,7 +115,7 @@ class LagKVLayer(DynamicLayer):
 
 
 class LagKVCache(Cache):
-    """A KV cache compressed by LagKV (METHOD.md §4).
+    """A KV cache compressed by LagKV (docs/METHOD.md §4).
 
     Args:
         config: the LagConfig.

@@ -1,4 +1,4 @@
-"""`LagConfig`: the four numbers that define LagKV compression and the LRSA mask (METHOD.md §1)."""
+"""`LagConfig`: the four numbers that define LagKV compression and the LRSA mask (docs/METHOD.md §1)."""
 from __future__ import annotations
 
 import dataclasses
@@ -65,7 +65,7 @@ class LagConfig:
         return max(0, (seq_len - self.sink_size) // self.lag_size)
 
     def retained_length(self, seq_len: int) -> int:
-        """Tokens kept by one-shot compression of ``seq_len`` tokens (METHOD.md eq. 12)."""
+        """Tokens kept by one-shot compression of ``seq_len`` tokens (docs/METHOD.md eq. 12)."""
         if seq_len < 0:
             raise ValueError(f"seq_len must be >= 0, got {seq_len}")
         if seq_len < self.min_compressible_length:

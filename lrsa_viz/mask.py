@@ -1,4 +1,4 @@
-"""The LRSA visibility mask (METHOD.md §3), dense reference form.
+"""The LRSA visibility mask (docs/METHOD.md §3), dense reference form.
 
 A query at position q in partition k = (q - S) // L (sink queries: k = -1) sees the sink, the LagKV-selected
 tokens of partitions j <= k - 2, all of partition k - 1 and partition k causally. Equivalently:

@@ -1,4 +1,4 @@
-"""LagKV scoring and one-shot selection (METHOD.md §2), in plain PyTorch.
+"""LagKV scoring and one-shot selection (docs/METHOD.md §2), in plain PyTorch.
 
 Shapes: B batch, H KV heads, N tokens, d head dim, S sink, L lag size, P = (N - S) // L full partitions,
 k = int(r * L) tokens kept per scored partition.
@@ -90,7 +90,7 @@ def lagkv_scores(keys: torch.Tensor, values: torch.Tensor, config: LagConfig, ch
 def select_top_k(scores: torch.Tensor, top_k: int) -> torch.Tensor:
     """Offsets (within their partition) of the top_k tokens of each scored partition, ascending.
 
-    THE selection rule of the project (METHOD.md §2): the ``top_k`` highest scores; EXACT ties go to the lower
+    THE selection rule of the project (docs/METHOD.md §2): the ``top_k`` highest scores; EXACT ties go to the lower
     position. A stable descending sort keeps equal scores in position order, so the rule holds on every device
     (``torch.topk`` promises no order among ties, on CUDA in particular).
     Args:
@@ -123,7 +123,7 @@ def lagkv_keep_indices(keys: torch.Tensor, values: torch.Tensor, config: LagConf
     Args:
         keys, values: [B, H_kv, N, d], post-RoPE.
     Returns:
-        LongTensor [B, H_kv, n_kept] with n_kept == config.retained_length(N) (METHOD eq. 12).
+        LongTensor [B, H_kv, n_kept] with n_kept == config.retained_length(N) (docs/METHOD.md eq. 12).
     """
     scores = lagkv_scores(keys, values, config, check_finite)
     b, h, n, _ = keys.shape
