@@ -231,17 +231,18 @@ def random_positions(cfg, n, b, h, seed):
 
 
 @pytest.mark.parametrize("align", ALIGN)
-def test_forced_positions_replace_the_selection(align):
+@pytest.mark.parametrize("cfg, n, bs", [(LagConfig(4, 16, 0.25), 150, 16), (LagConfig(1, 6, 1 / 6), 100, 32)],
+                         ids=["L16-B16", "L6-B32"])  # the second pads N = 100 to 128: 4 more scored partitions
+def test_forced_positions_replace_the_selection(cfg, n, bs, align):
     """``positions=`` (e.g. another run's selections) is attended exactly like the reference mask built from it."""
-    cfg, n = LagConfig(4, 16, 0.25), 150
     q, k, v = random_qkv(n, seed=11)
     forced = random_positions(cfg, n, 2, 2, seed=3)
     assert not torch.equal(forced, compact_positions(k, v, cfg))  # a different selection than LagKV's
-    out = fast_lrsa_attention(q, k, v, cfg, block_size=16, positions=forced, align_queries=align)
+    out = fast_lrsa_attention(q, k, v, cfg, block_size=bs, positions=forced, align_queries=align)
     assert (out - reference_with_positions(q, k, v, cfg, forced)).abs().max().item() <= 1e-5
     assert (out - reference(q, k, v, cfg)).abs().max().item() > 1e-3  # the forced selection is what was used
-    own = fast_lrsa_attention(q, k, v, cfg, block_size=16, positions=compact_positions(k, v, cfg))
-    assert torch.equal(own, fast_lrsa_attention(q, k, v, cfg, block_size=16))
+    own = fast_lrsa_attention(q, k, v, cfg, block_size=bs, positions=compact_positions(k, v, cfg))
+    assert torch.equal(own, fast_lrsa_attention(q, k, v, cfg, block_size=bs))
 
 
 def test_bad_forced_positions_are_clear_errors():
@@ -603,6 +604,25 @@ def test_figures_from_the_committed_benchmark():
         measured_attention_figure(bench, "backward")
     with pytest.raises(FileNotFoundError, match="bench_lrsa"):
         load_benchmark("no/such/file.json")
+
+
+def test_one_timer_and_sync_counter_on_cpu():
+    from lrsa_viz.fast.timing import count_host_syncs, median_time
+    calls = []
+    t = median_time(lambda: calls.append(1), min_reps=3, max_reps=4, target_s=0.0, warmup=2, device="cpu")
+    assert t["reps"] == 3 and len(calls) == 5 and 0 <= t["min_s"] <= t["median_s"]
+    with pytest.raises(ValueError, match="min_reps"):
+        median_time(lambda: None, min_reps=3, max_reps=2)
+    if not torch.cuda.is_available():
+        assert count_host_syncs(lambda: None) is None
+
+
+@cuda
+def test_cuda_sync_counter_counts():
+    from lrsa_viz.fast.timing import count_host_syncs
+    x = torch.ones(8, device="cuda")
+    assert count_host_syncs(lambda: x.sum()) == 0
+    assert count_host_syncs(lambda: [x.sum().item() for _ in range(3)]) == 3
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error message")

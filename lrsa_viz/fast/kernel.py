@@ -215,14 +215,22 @@ def compiled_compact_positions():
 
 def _attend(query, key, value, select_key, select_value, positions, block_mask, layout: LrsaLayout,
             config: LagConfig, scaling, gqa: bool, kernel_options, flex=flex_attention, select=compact_positions):
-    """Selection (unless ``positions``), layout, one FlexAttention call, the padding rows dropped: [B, H_q, N, d]."""
+    """Selection (unless ``positions``), layout, one FlexAttention call, padding rows dropped: [B, H_q, n, d].
+
+    ``select_key``/``select_value``: detached K/V zero-padded to the layout's N (>= n); selections they give past
+    the real tokens (partitions whose reference is padding) are seen by padding queries only, so they are
+    replaced by a valid index (n - 1) for the gather.
+    """
+    n = query.shape[2]
     if positions is None:
         with torch.no_grad():
             positions = select(select_key, select_value, config)
+            if n != layout.seq_len:
+                positions = positions.clamp(max=n - 1)
     key_buffer, value_buffer = layout_kv(key, value, positions, layout)
     out = flex(pad_queries(query, layout), key_buffer, value_buffer, block_mask=block_mask, scale=scaling,
                enable_gqa=gqa, kernel_options=kernel_options)
-    return out[:, :, layout.query_pad:] if layout.query_pad else out
+    return out[:, :, layout.query_pad:layout.query_pad + n]
 
 
 @functools.cache
@@ -308,6 +316,8 @@ def fast_lrsa_attention(
         [B, H_q, N, d], equal (up to rounding) to `sdpa` with `lrsa_viz.mask.visibility_from_keep` as mask.
     Sequences shorter than S + 2L, and ratio 1, are plain causal attention and go to SDPA. Under autocast the
     selection reads the tensors as given (like the reference path) and the attention runs in the autocast dtype.
+    N is rounded up to whole blocks inside (zero padding, exact), so batches of slightly different lengths share
+    one compiled kernel (except with ``fused``, which compiles per N).
     """
     check_qkv(query, key, value)
     n, d = query.shape[2], query.shape[3]
@@ -322,10 +332,18 @@ def fast_lrsa_attention(
             "use backend='reference' (enable_lrsa(model, config, backend='reference')) or a CUDA device"
         )
     options = fast_options(kernel, fused, align_queries)
-    layout = LrsaLayout.of(n, config, block_size, align_queries=options.align_queries)
-    if positions is not None:
-        check_positions(positions, key, layout)
+    # the layout of N rounded up to whole blocks: one compiled kernel and block mask per block count, not per N.
+    # Exact: the padding (zero keys after the last token, zero queries) is seen by padding queries only, and the
+    # selections real queries see (partitions <= P - 2, references <= P - 1) are made of real tokens only.
+    n_blocks = -(-n // block_size) * block_size
+    layout = LrsaLayout.of(n_blocks, config, block_size, align_queries=options.align_queries)
     select_key, select_value = key.detach(), value.detach()
+    if n_blocks != n:
+        select_key, select_value = (F.pad(t, (0, 0, 0, n_blocks - n)) for t in (select_key, select_value))
+    if positions is not None:
+        check_positions(positions, key, LrsaLayout.of(n, config, block_size))
+        if layout.compact != positions.shape[-1]:  # entries for the padded partitions: seen by padding queries only
+            positions = F.pad(positions, (0, layout.compact - positions.shape[-1]))
     device_type = query.device.type
     if torch.is_autocast_enabled(device_type):  # FlexAttention has no autocast rule in every torch: cast here
         dtype = torch.get_autocast_dtype(device_type)

@@ -222,11 +222,15 @@ def lrsa_block_mask(layout: LrsaLayout, device: torch.device | str) -> BlockMask
 
 
 def pad_queries(query: torch.Tensor, layout: LrsaLayout) -> torch.Tensor:
-    """The query buffer [B, H_q, D + N, d]: D zero rows, then ``query`` (returned as is when D = 0)."""
-    if not layout.query_pad:
+    """The query buffer [B, H_q, D + layout N, d]: D zero rows, ``query`` (n <= layout N rows), zero rows up to the
+    layout's length (`fast_lrsa_attention` rounds N up to whole blocks). Returned as is when nothing is added."""
+    b, h, n, d = query.shape
+    if n > layout.seq_len:
+        raise ValueError(f"query has {n} positions, more than the layout's {layout.seq_len}")
+    if not layout.query_pad and n == layout.seq_len:
         return query
-    b, h, _, d = query.shape
-    return torch.cat([query.new_zeros(b, h, layout.query_pad, d), query], dim=2)
+    head, tail = query.new_zeros(b, h, layout.query_pad, d), query.new_zeros(b, h, layout.seq_len - n, d)
+    return torch.cat([head, query, tail], dim=2)
 
 
 class GatherTokens(torch.autograd.Function):
@@ -250,14 +254,16 @@ def layout_kv(key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor, l
     """Build the key and value buffers of the layout (differentiable: gradients flow back to ``key``/``value``).
 
     Args:
-        key, value: [B, H_kv, N, d] post-RoPE.
-        positions: LongTensor [B, H_kv, C] of the compact region (from `compact_positions`).
+        key, value: [B, H_kv, n, d] post-RoPE, n <= the layout's N (the full region is zero-padded after them).
+        positions: LongTensor [B, H_kv, C] of the compact region (from `compact_positions`), each < n.
     Returns:
         (key_buffer, value_buffer), each [B, H_kv, kv_len, d]. A key kept by LagKV appears twice (compact and
         full region); the mask shows each query exactly one of the two copies, and the gradient of the key is the
         sum over both copies, which is the gradient of the single key of the reference path.
     """
     b, h, n, d = key.shape
+    if n > layout.seq_len:
+        raise ValueError(f"key has {n} positions, more than the layout's {layout.seq_len}")
     if positions.shape != (b, h, layout.compact):
         raise ValueError(f"positions must be [B, H_kv, C] = {(b, h, layout.compact)}, got {tuple(positions.shape)}")
     index = positions[..., None].expand(-1, -1, -1, d)

@@ -1,7 +1,10 @@
-"""A small live attention benchmark (CUDA): fast LRSA against dense SDPA, in the format of bench_lrsa's JSON."""
+"""Timing: the project's one timer (`median_time`, used by benchmarks/bench_lrsa.py too), a host-sync counter, and
+a small live attention benchmark (CUDA): fast LRSA against dense SDPA, in the format of bench_lrsa's JSON."""
 from __future__ import annotations
 
 import statistics
+import time
+import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -10,22 +13,62 @@ from tqdm.auto import tqdm
 
 from ..config import LagConfig
 from .cost import attention_flops, dense_causal_pairs, lrsa_visible_pairs
-from .kernel import fast_lrsa_attention
+from .kernel import fast_lrsa_attention, kernel_report
 
 
-def cuda_median_time(fn: Callable[[], object], reps: int = 5, warmup: int = 2) -> float:
-    """Median seconds of ``fn()`` on the current CUDA device, timed with CUDA events after ``warmup`` calls."""
+def median_time(fn: Callable[[], object], *, min_reps: int = 3, max_reps: int = 10, target_s: float = 0.5,
+                warmup: int = 2, device: torch.device | str | None = None) -> dict:
+    """The project's one timer: median seconds of ``fn()`` after ``warmup`` calls.
+
+    Repeats at least ``min_reps`` and at most ``max_reps`` times, stopping after ``min_reps`` once ``target_s``
+    seconds have passed. On CUDA (default when available) each call is timed with CUDA events on the current
+    stream; on the CPU with ``time.perf_counter``.
+    Returns:
+        {"median_s", "min_s", "reps"}.
+    """
+    if min_reps < 1 or max_reps < min_reps:
+        raise ValueError(f"need 1 <= min_reps <= max_reps, got min_reps={min_reps}, max_reps={max_reps}")
+    on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+    if on_cuda:
+        torch.cuda.synchronize()
+    times: list[float] = []
+    t_start = time.perf_counter()
+    while True:
+        if on_cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        if len(times) >= max_reps or (len(times) >= min_reps and time.perf_counter() - t_start > target_s):
+            break
+    return {"median_s": statistics.median(times), "min_s": min(times), "reps": len(times)}
+
+
+def count_host_syncs(fn: Callable[[], object]) -> int | None:
+    """How many times ``fn()`` synchronises the host with the CUDA device (``.item()``, ``nonzero``, blocking
+    copies...), counted by PyTorch's sync debug mode ('warn': one warning per synchronising call, warnings of the
+    backward pass included). None without CUDA. Explicit ``torch.cuda.synchronize()`` calls are not counted."""
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    torch.cuda.synchronize()
+    return sum("synchronizing" in str(w.message) for w in caught)
 
 
 def live_attention_benchmark(seq_lens: Sequence[int], ratios: Sequence[float] = (0.25,), tokens: int = 65536,
@@ -56,7 +99,7 @@ def live_attention_benchmark(seq_lens: Sequence[int], ratios: Sequence[float] = 
             def fwd_bwd():
                 torch.autograd.grad(attend(), (q, k, v), grad)
 
-            return {p: {"median_s": cuda_median_time(f)} for p, f in (("fwd", fwd), ("fwd_bwd", fwd_bwd))}
+            return {p: median_time(f, min_reps=5, max_reps=5) for p, f in (("fwd", fwd), ("fwd_bwd", fwd_bwd))}
 
         dense = passes(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
         row = {"n": n, "batch": batch, "dense": {"sdpa_default": dense}, "lrsa": {},
@@ -71,4 +114,5 @@ def live_attention_benchmark(seq_lens: Sequence[int], ratios: Sequence[float] = 
             t["speedup_vs_fastest_dense"] = {p: dense[p]["median_s"] / t[p]["median_s"] for p in ("fwd", "fwd_bwd")}
             row["lrsa"][str(ratio)] = t
         rows.append(row)
-    return {"gpu": torch.cuda.get_device_name(0), "environment": {"torch": torch.__version__}, "attention": rows}
+    return {"gpu": torch.cuda.get_device_name(0), "environment": {"torch": torch.__version__},
+            "kernel": kernel_report(), "attention": rows}
