@@ -175,13 +175,14 @@ def greedy_decode(model: PreTrainedModel, cache, tokens: torch.Tensor, steps: in
     """Feed ``tokens`` [B, 1], then each greedy token, ``steps`` times; returns the ``steps`` new tokens [B, steps].
 
     The loop reads nothing back from the device (tokens stay there). ``compile``: run `compiled_decode_step`
-    (CUDA graphs on CUDA). ``step_fn`` overrides the step function (same signature as `decode_step`).
+    (CUDA graphs on CUDA). ``step_fn`` overrides the step function (same signature as `decode_step`; anything but
+    `decode_step` is treated as compiled: CUDA-graph steps are marked and their outputs copied).
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
     step = step_fn or (compiled_decode_step() if compile else decode_step)
     out = torch.empty(tokens.shape[0], steps, dtype=tokens.dtype, device=tokens.device)
-    graphs = compile and tokens.is_cuda
+    graphs = tokens.is_cuda and step is not decode_step
     with torch.no_grad():
         for i in tqdm(range(steps), desc="decode", disable=not progress):
             if graphs:

@@ -1,0 +1,447 @@
+"""Inference benchmark: the full KV cache in its fastest transformers form against the static LagKV cache.
+
+One command (from the repository root, one CUDA GPU, a few minutes):
+
+    PYTHONPATH=. python3 benchmarks/bench_inference.py --out data/results/bench_inference_h200.json
+
+Tiny CPU smoke run (what the tests run, seconds): ``--smoke``.
+
+Model: SmolLM2-135M shapes (30 layers, 9 query / 3 KV heads, head_dim 64), random weights, bf16. For every case
+(prompt length N x batch B) and mode, in one process:
+
+  full_cache_sdpa         transformers' StaticCache, SDPA (flash prefill; decode: SDPA with K/V repeated and a mask)
+  full_cache_buffer       the same StaticCache decoded with this library's buffer attention (same kernel as LagKV:
+                          the like-for-like comparison of cache size alone)
+  lagkv_cache_fast_lrsa   StaticLagKVCache: one parallel LRSA (flex) prefill, decode over the compressed buffers
+
+Decoding is greedy, the whole step (model + cache) compiled once with ``torch.compile(mode="reduce-overhead",
+fullgraph=True, dynamic=True)`` (CUDA graphs; one compilation shared by all cases of a mode) after warm-up steps.
+Reported per row (keys as bench_lrsa's former inference rows, plus more):
+
+  prompt_len, batch, decode_tokens_per_s (per mode), decode_speedup (LagKV / fastest full mode),
+  prefill_speedup (dense prefill time / LagKV prefill time), kv_bytes_ratio (LagKV / full allocated cache bytes),
+  bandwidth_fraction (bytes a step must read: weights + the K/V of the tokens stored, over step time x measured
+  copy bandwidth), host_syncs_per_step (torch.profiler: aten::_local_scalar_dense and CUDA synchronize calls),
+  and "fit": the largest batch of sequences of the longest prompt whose caches fit in 100 GiB, computed from the
+  measured allocated bytes per sequence (cache buffers only).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from lrsa_viz import LagConfig, environment_record
+from lrsa_viz.fast.decode import KERNELS, buffer_attention, slot_mask
+from lrsa_viz.static_cache import StaticLagKVCache, stored_length
+from lrsa_viz.static_generate import (compiled_decode_step, decode_step, disable_static_lagkv, enable_static_lagkv,
+                                      greedy_decode)
+
+SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+               num_attention_heads=9, num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0,
+               tie_word_embeddings=True, max_position_embeddings=131072)
+SMOKE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, max_position_embeddings=8192)
+MODES = ("full_cache_sdpa", "full_cache_buffer", "lagkv_cache_fast_lrsa")
+FULL_MODES = ("full_cache_sdpa", "full_cache_buffer")
+LAGKV = "lagkv_cache_fast_lrsa"
+FIT_BYTES = 100 * 2 ** 30
+#: The H200's datasheet memory bandwidth (bytes/s); the fraction is also given against the measured copy rate.
+NOMINAL_BANDWIDTH = 4.8e12
+SYNC_EVENTS = ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------------- timing
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device) -> tuple[object, float]:
+    """(result, seconds) of ``fn()``: CUDA events on a GPU, wall clock on CPU."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        out = fn()
+        end.record()
+        end.synchronize()
+        return out, start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def measured_bandwidth(device: torch.device) -> float:
+    """Bytes/s of a device-to-device copy of 2 GiB (read + write counted), median of 5."""
+    if device.type != "cuda":
+        return float("nan")
+    src = torch.empty(2 ** 30, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(7):
+        _, t = timed(lambda: dst.copy_(src), device)
+        if i >= 2:
+            times.append(t)
+    del src, dst
+    return 2 * 2 ** 31 / statistics.median(times)
+
+
+def count_host_syncs(fn, steps: int, device: torch.device) -> float:
+    """Host syncs per call of ``fn`` (torch.profiler), minus those of an empty profiled region."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+
+    def count(n):
+        synchronize(device)
+        with profile(activities=activities) as prof:
+            for _ in range(n):
+                fn()
+        return sum(e.count for e in prof.key_averages() if e.key in SYNC_EVENTS)
+
+    return (count(steps) - count(0)) / steps
+
+
+# -------------------------------------------------------------------------------------------------------- model
+def make_model(shapes: dict, device: torch.device, dtype: torch.dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**shapes, attn_implementation="sdpa")).to(device=device, dtype=dtype).eval()
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def cache_bytes(cache) -> int:
+    """Allocated bytes of a cache's buffers (StaticLagKVCache: K, V and positions; StaticCache: K and V)."""
+    if isinstance(cache, StaticLagKVCache):
+        return cache.nbytes() + cache.position_buffer.numel() * cache.position_buffer.element_size()
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def make_cache(mode: str, model, max_len: int, cfg: LagConfig, compiled_selection: bool):
+    from transformers import StaticCache
+
+    if mode == LAGKV:
+        return StaticLagKVCache(model.config, max_len, cfg, compiled_selection=compiled_selection)
+    return StaticCache(config=model.config, max_cache_len=max_len)
+
+
+def prepare_model(model, mode: str, cfg: LagConfig, kernel: str, backend: str) -> None:
+    disable_static_lagkv(model)
+    if mode == LAGKV:
+        enable_static_lagkv(model, cfg, prefill="lrsa", backend=backend, kernel=kernel)
+    elif mode == "full_cache_buffer":
+        enable_static_lagkv(model, prefill="dense", kernel=kernel)
+
+
+# ---------------------------------------------------------------------------------------------------- one case
+def run_mode(model, mode: str, ids: torch.Tensor, cfg: LagConfig, args, step_fn, bandwidth: float) -> dict:
+    device = ids.device
+    b, n = ids.shape
+    max_len = n + args.warmup_steps + args.new_tokens + args.sync_steps + 1  # every token fed, profiled ones too
+    prepare_model(model, mode, cfg, args.kernel, args.backend)
+    flex = args.backend == "flex" or (args.backend == "auto" and device.type == "cuda")
+    with torch.no_grad():
+        prefill_s = []
+        for _ in range(2):  # the first prefill compiles what this N needs (flex kernels, selection)
+            cache = make_cache(mode, model, max_len, cfg, flex)
+            logits, t = timed(lambda: model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits,
+                              device)
+            prefill_s.append(t)
+        tok = logits[:, -1:].argmax(-1)
+        if mode != LAGKV:  # a new StaticCache re-records CUDA graphs instead of recompiling (same decode work)
+            for layer in cache.layers:
+                for t in (layer.keys, layer.values, layer.cumulative_length):
+                    torch._dynamo.mark_static_address(t, guard=False)
+        allocated = cache_bytes(cache)
+        stored_after_prefill = stored_length(n, cfg) if mode == LAGKV else n
+        tok = greedy_decode(model, cache, tok, args.warmup_steps, step_fn=step_fn)[:, -1:]  # compile + record
+        generated, decode_s = timed(lambda: greedy_decode(model, cache, tok, args.new_tokens, step_fn=step_fn), device)
+        state = {"tok": generated[:, -1:]}
+
+        def one_step():
+            if device.type == "cuda" and step_fn is not decode_step:
+                torch.compiler.cudagraph_mark_step_begin()
+            state["tok"] = step_fn(model, state["tok"], cache).clone()
+
+        syncs = count_host_syncs(one_step, args.sync_steps, device) if args.sync_steps else None
+    seen_mid = n + args.warmup_steps + args.new_tokens / 2  # tokens in the cache at the middle of the timed steps
+    stored_mid = stored_length(int(seen_mid), cfg) if mode == LAGKV else seen_mid
+    layers, h_kv, d = model.config.num_hidden_layers, model.config.num_key_value_heads, model.config.head_dim
+    elsize = next(model.parameters()).element_size()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv_read = 2 * layers * b * h_kv * d * elsize * stored_mid
+    step_s = decode_s / args.new_tokens
+    row = {"prefill_s": prefill_s[-1], "prefill_first_s": prefill_s[0], "decode_s": decode_s,
+           "decode_tokens_per_s": b * args.new_tokens / decode_s, "step_ms": step_s * 1e3,
+           "kv_bytes_allocated": allocated, "kv_bytes_per_sequence": allocated / b,
+           "kv_bytes_after_prefill": 2 * layers * b * h_kv * d * elsize * stored_after_prefill,
+           "stored_tokens_mid_decode": stored_mid, "bytes_per_step_min": weight_bytes + kv_read,
+           "bandwidth_fraction": (weight_bytes + kv_read) / step_s / bandwidth if math.isfinite(bandwidth) else None,
+           "bandwidth_fraction_nominal": (weight_bytes + kv_read) / step_s / NOMINAL_BANDWIDTH,
+           "host_syncs_per_step": syncs}
+    if mode == LAGKV:
+        row["buffer_slots"] = cache.capacity
+        row["eq12_after_prefill"] = cfg.retained_length(n)
+    del cache
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def bench_kernels(b: int, slots: int, shapes: dict, device, dtype, reps: int = 20) -> dict:
+    """Seconds of one model step's attention (all layers) over a buffer of ``slots`` slots, Q = 1, per kernel.
+
+    On CUDA each kernel's 30 calls are captured in one CUDA graph (launch overhead removed), like compiled decoding.
+    """
+    hq, hkv, d, layers = shapes["num_attention_heads"], shapes["num_key_value_heads"], shapes["head_dim"], shapes["num_hidden_layers"]
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(b, hq, 1, d, device=device, dtype=dtype, generator=g)
+    k = torch.randn(b, hkv, slots, d, device=device, dtype=dtype, generator=g)
+    v = torch.randn(b, hkv, slots, d, device=device, dtype=dtype, generator=g)
+    mask = slot_mask(slots - 1, 1, slots, device)
+    out = {}
+    ref = buffer_attention(q, k, v, mask, kernel="sdpa_repeat").float()
+    for kernel in KERNELS:
+        def step():
+            for _ in range(layers):
+                buffer_attention(q, k, v, mask, kernel=kernel)
+        try:
+            err = (buffer_attention(q, k, v, mask, kernel=kernel).float() - ref).abs().max().item()
+            if device.type == "cuda":
+                step()
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    step()
+                times = [timed(graph.replay, device)[1] for _ in range(reps)]
+            else:
+                times = [timed(step, device)[1] for _ in range(3)]
+            t = statistics.median(times)
+            out[kernel] = {"step_attention_s": t, "kv_gb_per_s": 2 * layers * b * hkv * slots * d * k.element_size() / t / 1e9,
+                           "max_abs_diff_vs_sdpa_repeat": err}
+        except Exception as e:  # a kernel unavailable for these shapes is reported, not fatal
+            out[kernel] = {"error": repr(e)[:300]}
+    return out
+
+
+def check_eager_vs_compiled(model, cfg: LagConfig, args, step_fn, device) -> dict:
+    """Greedy tokens of the static LagKV cache, eager vs the compiled step (same prefill), and the first decode
+    step's logits difference."""
+    n, b, steps = args.check_prompt, 2, args.check_steps
+    ids = torch.randint(0, model.config.vocab_size, (b, n), device=device, generator=torch.Generator(device).manual_seed(7))
+    prepare_model(model, LAGKV, cfg, args.kernel, args.backend)
+    flex = args.backend == "flex" or (args.backend == "auto" and device.type == "cuda")
+    tokens = {}
+    with torch.no_grad():
+        for name, fn in (("eager", decode_step), ("compiled", step_fn)):
+            cache = StaticLagKVCache(model.config, n + steps + 1, cfg, compiled_selection=flex)
+            first = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+            tokens[name] = greedy_decode(model, cache, first, steps, step_fn=fn)
+    same = tokens["eager"] == tokens["compiled"]
+    first_diff = (~same).float().argmax(dim=1)
+    return {"prompt_len": n, "batch": b, "steps": steps, "tokens_equal": bool(same.all()),
+            "fraction_equal": same.float().mean().item(),
+            "first_mismatch_step": [int(i) if not bool(s.all()) else None for i, s in zip(first_diff, same)]}
+
+
+# -------------------------------------------------------------------------------------------------------- main
+def run_inference(cases: list[tuple[int, int]], cfg: LagConfig, args, device: torch.device, dtype: torch.dtype,
+                  shapes: dict, on_progress=None) -> dict:
+    """All cases and modes; returns ``{"rows": [...], "fit": {...}, "kernels": [...], "check": {...}, ...}``.
+
+    ``on_progress(result)`` is called after each case with the result so far (to save partial results).
+    """
+    model = make_model(shapes, device, dtype)
+    bandwidth = measured_bandwidth(device)
+    compile_step = args.compile and device.type == "cuda" or args.compile == "force"
+    step_fn = compiled_decode_step(dynamic=True) if compile_step else decode_step
+    modes = [m for m in MODES if m in args.modes]
+    result = {"device_bandwidth_bytes_per_s": bandwidth, "nominal_bandwidth_bytes_per_s": NOMINAL_BANDWIDTH,
+              "decode": {"compiled": bool(compile_step), "mode": "reduce-overhead", "fullgraph": True, "dynamic": True,
+                         "kernel": args.kernel, "warmup_steps": args.warmup_steps, "new_tokens": args.new_tokens},
+              "lag_config": cfg.to_dict(), "model_shapes": shapes, "dtype": str(dtype), "rows": [], "kernels": []}
+    for n, b in cases:
+        ids = torch.randint(0, shapes["vocab_size"], (b, n), device=device, generator=torch.Generator(device).manual_seed(n + b))
+        row = {"prompt_len": n, "batch": b, "new_tokens": args.new_tokens}
+        for mode in modes:
+            t0 = time.perf_counter()
+            try:
+                row[mode] = run_mode(model, mode, ids, cfg, args, step_fn, bandwidth)
+            except torch.OutOfMemoryError as e:
+                row[mode] = {"error": "out of memory: " + str(e)[:200]}
+            except Exception as e:
+                row[mode] = {"error": repr(e)[:500], "traceback": traceback.format_exc()[-2000:]}
+                log(traceback.format_exc())
+            row[mode]["wall_s"] = time.perf_counter() - t0
+            log(f"  N={n} B={b} {mode}: " + json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
+                                                      for k, v in row[mode].items() if k != "traceback"})[:400])
+        disable_static_lagkv(model)
+        summarize_row(row)
+        result["rows"].append(row)
+        if args.kernel_bench:
+            lag_slots = StaticLagKVCache(model.config, n + args.new_tokens, cfg).capacity
+            result["kernels"].append({"prompt_len": n, "batch": b, "slots_full": n + args.new_tokens, "slots_lagkv": lag_slots,
+                                      "full": bench_kernels(b, n + args.new_tokens, shapes, device, dtype),
+                                      "lagkv": bench_kernels(b, lag_slots, shapes, device, dtype)})
+        del ids
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        result["fit"] = fit_summary(result["rows"])
+        if on_progress is not None:
+            on_progress(result)
+    result["fit"] = fit_summary(result["rows"])
+    if args.check_steps:
+        try:
+            result["check"] = check_eager_vs_compiled(model, cfg, args, step_fn, device)
+        except Exception as e:
+            result["check"] = {"error": repr(e)[:500], "traceback": traceback.format_exc()[-2000:]}
+    disable_static_lagkv(model)
+    return result
+
+
+def summarize_row(row: dict) -> None:
+    """decode/prefill speed-ups and byte ratios against the fastest full-cache mode that ran."""
+    lag = row.get(LAGKV, {})
+    fulls = {m: row[m] for m in FULL_MODES if m in row and "error" not in row[m]}
+    if "error" in lag or not lag or not fulls:
+        return
+    fastest = max(fulls, key=lambda m: fulls[m]["decode_tokens_per_s"])
+    sdpa = fulls.get("full_cache_sdpa", fulls[fastest])
+    row["fastest_full_mode"] = fastest
+    row["decode_tokens_per_s"] = lag["decode_tokens_per_s"]
+    row["decode_speedup"] = lag["decode_tokens_per_s"] / fulls[fastest]["decode_tokens_per_s"]
+    row["decode_speedup_by_mode"] = {m: lag["decode_tokens_per_s"] / f["decode_tokens_per_s"] for m, f in fulls.items()}
+    row["prefill_speedup"] = sdpa["prefill_s"] / lag["prefill_s"]
+    row["kv_bytes_ratio"] = lag["kv_bytes_allocated"] / sdpa["kv_bytes_allocated"]
+    row["kv_bytes_ratio_stored"] = lag["kv_bytes_after_prefill"] / sdpa["kv_bytes_after_prefill"]
+    row["bandwidth_fraction"] = lag["bandwidth_fraction"]
+    row["host_syncs_per_step"] = lag["host_syncs_per_step"]
+
+
+def fit_summary(rows: list[dict]) -> dict:
+    """Largest batch of the longest prompt's sequences whose cache buffers fit in 100 GiB (from measured bytes)."""
+    done = [r for r in rows if LAGKV in r and "full_cache_sdpa" in r
+            and "error" not in r[LAGKV] and "error" not in r["full_cache_sdpa"]]
+    if not done:
+        return {}
+    row = max(done, key=lambda r: (r["prompt_len"], r["batch"]))
+    per_full = row["full_cache_sdpa"]["kv_bytes_per_sequence"]
+    per_lag = row[LAGKV]["kv_bytes_per_sequence"]
+    full, lag = int(FIT_BYTES // per_full), int(FIT_BYTES // per_lag)
+    return {"prompt_len": row["prompt_len"], "new_tokens": row["new_tokens"], "budget_bytes": FIT_BYTES,
+            "how": "floor(100 GiB / allocated cache bytes per sequence measured in this run; buffers only: K, V "
+                   "(and int32 positions for LagKV), no weights or activations)",
+            "bytes_per_sequence_full": per_full, "bytes_per_sequence_lagkv": per_lag,
+            "max_batch_full": full, "max_batch_lagkv": lag, "ratio": lag / max(full, 1)}
+
+
+def parse_cases(text: str) -> list[tuple[int, int]]:
+    try:
+        cases = [tuple(int(x) for x in c.split("x")) for c in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--cases must be NxB[,NxB...] with integers, got {text!r}") from None
+    if any(len(c) != 2 or c[0] < 1 or c[1] < 1 for c in cases):
+        raise ValueError(f"--cases must be NxB[,NxB...] with N, B >= 1, got {text!r}")
+    return cases
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="data/results/bench_inference.json")
+    ap.add_argument("--smoke", action="store_true", help="tiny model on CPU, seconds (for tests)")
+    ap.add_argument("--cases", default="16384x1,16384x16,16384x64,32768x1,32768x16",
+                    help="prompt lengths x batch sizes, NxB[,NxB...]")
+    ap.add_argument("--new-tokens", type=int, default=64, help="timed decode steps")
+    ap.add_argument("--warmup-steps", type=int, default=8, help="decode steps before timing (compile, CUDA graphs)")
+    ap.add_argument("--sync-steps", type=int, default=8, help="decode steps profiled for host syncs (0: skip)")
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--kernel", default="sdpa_folded", choices=KERNELS, help="buffer-attention kernel")
+    ap.add_argument("--kernel-bench", type=int, default=1, help="also time each kernel alone (1/0)")
+    ap.add_argument("--backend", default="auto", choices=("auto", "flex", "reference"), help="LRSA prefill backend")
+    ap.add_argument("--compile", default="auto", choices=("auto", "force", "off"),
+                    help="compile the decode step (auto: on CUDA)")
+    ap.add_argument("--check-prompt", type=int, default=2048)
+    ap.add_argument("--check-steps", type=int, default=32, help="eager vs compiled token check (0: skip)")
+    ap.add_argument("--ratio", type=float, default=0.25)
+    return ap
+
+
+def command_line(argv) -> str:
+    return "PYTHONPATH=. python3 " + " ".join([sys.argv[0] if argv is None else "benchmarks/bench_inference.py",
+                                               *(sys.argv[1:] if argv is None else argv)])
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    cases = parse_cases(args.cases)
+    args.modes = args.modes.split(",")
+    unknown = set(args.modes) - set(MODES)
+    if unknown:
+        raise ValueError(f"--modes: unknown {sorted(unknown)}; accepted: {MODES}")
+    args.compile = {"auto": True, "force": "force", "off": False}[args.compile]
+    if args.smoke:
+        device, dtype, shapes = torch.device("cpu"), torch.float32, SMOKE
+        cfg = LagConfig(4, 16, args.ratio)
+        if args.cases == build_parser().get_default("cases"):
+            cases = [(150, 1), (150, 2)]
+        args.new_tokens, args.warmup_steps = min(args.new_tokens, 6), min(args.warmup_steps, 2)
+        args.sync_steps, args.check_prompt, args.check_steps = min(args.sync_steps, 2), 100, min(args.check_steps, 4)
+    else:
+        if not torch.cuda.is_available():
+            print("bench_inference needs a CUDA GPU (or --smoke for the CPU smoke run)", file=sys.stderr)
+            return 2
+        device, dtype, shapes = torch.device("cuda"), torch.bfloat16, SMOLLM2
+        cfg = LagConfig(16, 128, args.ratio)
+    t0 = time.perf_counter()
+    result = {"command": command_line(argv), "environment": environment_record(),
+              "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "smoke": args.smoke}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(inference: dict) -> None:
+        result["inference"] = inference
+        result["wall_s"] = time.perf_counter() - t0
+        out.write_text(json.dumps(result, indent=1))
+
+    save(run_inference(cases, cfg, args, device, dtype, shapes, on_progress=save))
+    print_summary(result)
+    return 0
+
+
+def print_summary(result: dict) -> None:
+    inf = result["inference"]
+    log("\n==== inference summary")
+    for row in inf["rows"]:
+        if "decode_speedup" not in row:
+            log(f"N={row['prompt_len']} B={row['batch']}: incomplete ({[m for m in MODES if 'error' in row.get(m, {})]} failed)")
+            continue
+        tps = " ".join(f"{m}={row[m]['decode_tokens_per_s']:.0f}" for m in MODES if m in row and "error" not in row[m])
+        log(f"N={row['prompt_len']} B={row['batch']}: tok/s {tps} | decode x{row['decode_speedup']:.2f} (vs "
+            f"{row['fastest_full_mode']}) prefill x{row['prefill_speedup']:.2f} kv bytes x{row['kv_bytes_ratio']:.3f} "
+            f"bw {row['bandwidth_fraction'] if row['bandwidth_fraction'] is None else round(row['bandwidth_fraction'], 3)} "
+            f"syncs/step {row['host_syncs_per_step']}")
+    if inf.get("fit"):
+        f = inf["fit"]
+        log(f"fit {f['prompt_len']}-token sequences in 100 GiB: full {f['max_batch_full']}, LagKV {f['max_batch_lagkv']} "
+            f"({f['ratio']:.2f}x)")
+    if inf.get("check"):
+        log(f"eager vs compiled: {inf['check']}")
+    log(f"wall {result['wall_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

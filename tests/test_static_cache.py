@@ -1,0 +1,359 @@
+"""StaticLagKVCache and the static decode path keep exactly what the teaching LagKVCache keeps and generate the same
+greedy tokens; the decode step compiles whole and reads nothing back from the device."""
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lrsa_viz import LagConfig, LagKVCache, chunked_prefill, compressed_generate, tiny_model
+from lrsa_viz.fast.decode import KERNELS, buffer_attention, slot_mask
+from lrsa_viz.static_cache import StaticLagKVCache, cache_capacity, compressed_partitions, stored_length
+from lrsa_viz.static_generate import (STATIC_LAGKV, compiled_decode_step, decode_step, disable_static_lagkv,
+                                      enable_static_lagkv, greedy_decode, static_generate, static_lagkv,
+                                      static_prefill)
+
+ROOT = Path(__file__).resolve().parents[1]
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CONFIGS = [LagConfig(4, 16, 0.25), LagConfig(0, 8, 0.5), LagConfig(3, 5, 0.2), LagConfig(2, 4, 1.0)]
+
+
+@pytest.fixture(scope="module")
+def model():
+    """The tiny random Llama without an end-of-sequence token, so generate() runs every step like the greedy loop."""
+    m = tiny_model(seed=0)
+    m.generation_config.eos_token_id = None
+    return m
+
+
+def fake_model_config(layers: int = 2):
+    return types.SimpleNamespace(num_hidden_layers=layers)
+
+
+# ------------------------------------------------------------------------------------------------- sizes
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_stored_length_is_eq12_on_ints_and_tensors(cfg):
+    seen = torch.arange(0, 400)
+    assert [stored_length(n, cfg) for n in range(400)] == [cfg.retained_length(n) for n in range(400)]
+    assert torch.equal(stored_length(seen, cfg), torch.tensor([cfg.retained_length(n) for n in range(400)]))
+    assert torch.equal(compressed_partitions(seen, cfg), torch.tensor([compressed_partitions(n, cfg) for n in range(400)]))
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+@pytest.mark.parametrize("chunk", [1, 7])
+def test_capacity_holds_every_update(cfg, chunk):
+    """Eq. 12 of the tokens seen before an update plus what it appends never exceeds the buffer."""
+    for max_len in (1, 30, 123):
+        m = cache_capacity(max_len, cfg, max_chunk=chunk, pad_to=1)
+        need = max([stored_length(n, cfg) + min(chunk, max_len - n) for n in range(max_len)] + [stored_length(max_len, cfg)])
+        assert m == need
+        assert cache_capacity(max_len, cfg, max_chunk=chunk) % 16 == 0 and cache_capacity(max_len, cfg, chunk) >= m
+
+
+# ----------------------------------------------------------------------------------- same state as LagKVCache
+def feed_both(cfg: LagConfig, updates: list[int], layers: int = 3, b: int = 2, h: int = 2, d: int = 8, seed: int = 0):
+    """Feed the same random K/V stream to a StaticLagKVCache and a LagKVCache; assert equal state after each update."""
+    g = torch.Generator().manual_seed(seed)
+    static = StaticLagKVCache(fake_model_config(layers), sum(updates), cfg, max_chunk=max([1, *updates[1:]]))
+    teaching = LagKVCache(cfg)
+    for q in updates:
+        for layer in range(layers):
+            k, v = torch.randn(b, h, q, d, generator=g), torch.randn(b, h, q, d, generator=g)
+            teaching.update(k, v, layer)
+            static.update(k, v, layer)
+        assert static.stored_length() == teaching.stored_lengths()[0]
+        for layer in range(layers):
+            positions = static.kept_positions(layer)
+            assert torch.equal(positions, teaching.kept_positions(layer))
+            n = positions.shape[-1]
+            assert torch.equal(static.key_buffer[layer, :, :, :n], teaching.layers[layer].keys)
+            assert torch.equal(static.value_buffer[layer, :, :, :n], teaching.layers[layer].values)
+    return static, teaching
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+@pytest.mark.parametrize("prompt", [1, 3, 40])
+def test_decode_keeps_the_teaching_positions(cfg, prompt):
+    feed_both(cfg, [prompt] + [1] * 70)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sink=st.integers(0, 4), lag=st.integers(2, 9), ratio=st.sampled_from([0.2, 0.34, 0.5, 1.0]),
+       updates=st.lists(st.integers(1, 20), min_size=1, max_size=12), seed=st.integers(0, 10))
+def test_any_chunking_keeps_the_teaching_positions(sink, lag, ratio, updates, seed):
+    """Chunks of any size after any prompt (several partitions due at once): the same state as LagKVCache."""
+    cfg = LagConfig(sink, lag, ratio) if int(ratio * lag) >= 1 else LagConfig(sink, lag, 1.0)
+    feed_both(cfg, updates, layers=2, seed=seed)
+
+
+def test_exact_ties_go_to_the_lower_position():
+    """Constant keys and values score every token of a partition the same: the first k of each are kept."""
+    cfg = LagConfig(2, 8, 0.25)
+    static = StaticLagKVCache(fake_model_config(1), 60, cfg)
+    ones = torch.ones(1, 1, 1, 4)
+    for _ in range(60):
+        static.update(ones, ones, 0)
+    kept = static.kept_positions(0)[0, 0].tolist()
+    n_scored = compressed_partitions(60, cfg)
+    assert kept[:2 + 2 * n_scored] == [0, 1] + [p for j in range(n_scored) for p in (2 + 8 * j, 3 + 8 * j)]
+
+
+# ------------------------------------------------------------------------------------------ attention kernels
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("groups, q_len", [(1, 1), (3, 1), (3, 4), (2, 2)])
+def test_buffer_attention_kernels_agree(kernel, groups, q_len):
+    g = torch.Generator().manual_seed(1)
+    b, h_kv, m, d = 2, 2, 37, 16
+    q = torch.randn(b, h_kv * groups, q_len, d, generator=g)
+    k, v = torch.randn(b, h_kv, m, d, generator=g), torch.randn(b, h_kv, m, d, generator=g)
+    offset = 20
+    mask = slot_mask(torch.tensor(offset), q_len, m, "cpu")
+    assert mask.shape == (1, 1, q_len, m) and int(mask[0, 0, -1].sum()) == offset + q_len
+    # reference: per query head, softmax over the visible slots of its KV head
+    ref = torch.empty_like(q)
+    for head in range(h_kv * groups):
+        kv = head // groups
+        for i in range(q_len):
+            scores = torch.einsum("bd,bmd->bm", q[:, head, i], k[:, kv, : offset + i + 1]) * d ** -0.5
+            ref[:, head, i] = torch.einsum("bm,bmd->bd", scores.softmax(-1), v[:, kv, : offset + i + 1])
+    out = buffer_attention(q, k, v, mask, kernel=kernel)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)  # float32 sums of 37 terms: ~1e-6 rounding
+
+
+def test_unknown_kernel_is_rejected(model):
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        enable_static_lagkv(model, LagConfig(4, 16, 0.25), kernel="fastest")
+    with pytest.raises(ValueError, match="prefill must be one of"):
+        enable_static_lagkv(model, LagConfig(4, 16, 0.25), prefill="chunked")
+    assert model.config._attn_implementation == "sdpa"
+
+
+# ------------------------------------------------------------------------------------------------ the model
+@pytest.mark.parametrize("cfg", CONFIGS[:3])
+@pytest.mark.parametrize("prompt_len", [5, 61, 150])
+def test_static_generate_equals_the_teaching_path(model, cfg, prompt_len):
+    """Greedy tokens equal compressed_generate (chunked prefill + LagKVCache) for every kernel, and the cache
+    keeps the positions the teaching cache keeps after the same sequence."""
+    ids = torch.randint(0, 256, (2, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
+    new = 3 * cfg.lag_size + 5  # several compressions during decoding
+    expected = compressed_generate(model, ids, cfg, max_new_tokens=new, do_sample=False)
+    for kernel in KERNELS:
+        out, cache = static_generate(model, ids, cfg, new, kernel=kernel, return_cache=True)
+        assert torch.equal(out, expected), kernel
+    assert model.config._attn_implementation == "sdpa"
+    _, teaching = chunked_prefill(model, out[:, :-1], cfg)
+    for layer in range(model.config.num_hidden_layers):
+        assert torch.equal(cache.kept_positions(layer), teaching.kept_positions(layer))
+
+
+def test_generate_runs_on_the_static_cache(model):
+    """transformers' generate with a StaticLagKVCache (prompt through LRSA, then decoding) gives the same tokens."""
+    cfg = LagConfig(4, 16, 0.25)
+    ids = torch.randint(0, 256, (2, 70), generator=torch.Generator().manual_seed(2))
+    expected = static_generate(model, ids, cfg, 40)
+    with static_lagkv(model, cfg):
+        assert model.config._attn_implementation == STATIC_LAGKV
+        out = model.generate(ids, past_key_values=StaticLagKVCache(model.config, 110, cfg), max_new_tokens=40,
+                             do_sample=False)
+    assert model.config._attn_implementation == "sdpa"
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS[:3])
+def test_one_pass_prefill_equals_chunked_prefill(model, cfg):
+    """The parallel LRSA prompt pass fills the cache with chunk-by-chunk prefill's positions; logits agree to float
+    error (different matmul shapes: ~1e-6 here; near-ties could flip a selection on other inputs, METHOD §3)."""
+    ids = torch.randint(0, 256, (2, 150), generator=torch.Generator().manual_seed(9))
+    logits, cache = static_prefill(model, ids, cfg, logits_to_keep=0)
+    chunked_logits, teaching = chunked_prefill(model, ids, cfg)
+    for layer in range(model.config.num_hidden_layers):
+        assert torch.equal(cache.kept_positions(layer), teaching.kept_positions(layer))
+    torch.testing.assert_close(logits, chunked_logits, rtol=0, atol=1e-4)
+
+
+def test_smollm2_static_generate_equals_the_teaching_path(smollm2):
+    """SmolLM2-135M on a real text: the same greedy tokens and kept positions as chunked prefill + LagKVCache."""
+    model, tok = smollm2
+    cfg = LagConfig(16, 64, 0.25)
+    ids = tok((ROOT / "data" / "passages" / "kv_cache_notes.txt").read_text(), return_tensors="pt").input_ids[:, :600]
+    out, cache = static_generate(model, ids, cfg, 20, return_cache=True)
+    model.generation_config.eos_token_id, eos = None, model.generation_config.eos_token_id
+    try:
+        expected = compressed_generate(model, ids, cfg, max_new_tokens=20, do_sample=False)
+    finally:
+        model.generation_config.eos_token_id = eos
+    assert torch.equal(out, expected), tok.decode(out[0, 600:])
+    _, teaching = chunked_prefill(model, out[:, :-1], cfg)
+    for layer in (0, 15, 29):
+        assert torch.equal(cache.kept_positions(layer), teaching.kept_positions(layer))
+
+
+def test_decode_step_compiles_to_one_graph_without_host_reads(model):
+    """torch.compile(fullgraph=True) traces the whole step (model + cache + compression): a host read of device
+    data (.item(), bool(tensor)) would break the graph and fail; one graph serves every step, compressing or not."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    cfg = LagConfig(4, 16, 0.25)
+    ids = torch.randint(0, 256, (2, 60), generator=torch.Generator().manual_seed(1))
+    tokens = {}
+    for name in ("eager", "compiled"):
+        logits, cache = static_prefill(model, ids, cfg, 60 + 60)
+        with static_lagkv(model, cfg):
+            torch._dynamo.reset()
+            counters.clear()
+            step = decode_step if name == "eager" else compiled_decode_step(backend="eager")
+            tokens[name] = greedy_decode(model, cache, logits[:, -1:].argmax(-1), 59, step_fn=step)
+            if name == "compiled":
+                assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+                assert not counters["graph_break"], dict(counters["graph_break"])
+    assert torch.equal(tokens["eager"], tokens["compiled"])
+
+
+def test_decode_reads_nothing_back(model):
+    """No aten::_local_scalar_dense (what .item(), int(t), bool(t) run) in eager decode steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = LagConfig(4, 16, 0.25)
+    logits, cache = static_prefill(model, torch.randint(0, 256, (1, 40)), cfg, 40 + 40)
+    with static_lagkv(model, cfg), profile(activities=[ProfilerActivity.CPU]) as prof:
+        greedy_decode(model, cache, logits[:, -1:].argmax(-1), 35)  # crosses compressions
+    names = {e.key for e in prof.key_averages()}
+    assert "aten::_local_scalar_dense" not in names and "aten::item" not in names
+    assert "aten::index_copy_" in names  # the profile did see the decode steps
+
+
+def test_reset_reuses_the_buffers(model):
+    cfg = LagConfig(4, 16, 0.25)
+    ids = torch.randint(0, 256, (1, 50), generator=torch.Generator().manual_seed(4))
+    expected = static_generate(model, ids, cfg, 30)
+    cache = StaticLagKVCache(model.config, 80, cfg)
+    runs = []
+    for _ in range(2):
+        cache.reset()
+        with static_lagkv(model, cfg):
+            first = model(input_ids=ids, past_key_values=cache).logits[:, -1:].argmax(-1)
+            runs.append((torch.cat([ids, first, greedy_decode(model, cache, first, 29)], 1), cache.key_buffer.data_ptr()))
+    assert torch.equal(runs[0][0], expected) and torch.equal(runs[1][0], expected)
+    assert runs[0][1] == runs[1][1]
+
+
+def test_enable_disable_restores(model):
+    from lrsa_viz import enable_lrsa, disable_lrsa, lrsa_config_of
+
+    cfg = LagConfig(4, 16, 0.25)
+    enable_static_lagkv(model, cfg, kernel="matmul")
+    enable_static_lagkv(model, cfg, prefill="dense")  # re-enabling replaces, never stacks
+    disable_static_lagkv(model)
+    assert model.config._attn_implementation == "sdpa" and lrsa_config_of(model) is None
+    enable_lrsa(model, LagConfig(2, 8, 0.5))
+    with static_lagkv(model, cfg):
+        assert model.config._attn_implementation == STATIC_LAGKV
+    assert lrsa_config_of(model) == LagConfig(2, 8, 0.5)
+    disable_lrsa(model)
+    assert model.config._attn_implementation == "sdpa"
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_bad_arguments_are_rejected(model):
+    cfg = LagConfig(4, 16, 0.25)
+    with pytest.raises(ValueError, match="max_cache_len must be an integer >= 1"):
+        StaticLagKVCache(model.config, 0, cfg)
+    with pytest.raises(ValueError, match="config must be a LagConfig"):
+        StaticLagKVCache(model.config, 10, {"lag_size": 16})
+    with pytest.raises(ValueError, match="num_hidden_layers"):
+        StaticLagKVCache(object(), 10, cfg)
+    with pytest.raises(ValueError, match="max_chunk must be an integer"):
+        StaticLagKVCache(model.config, 10, cfg, max_chunk=0)
+    ids = torch.randint(0, 256, (1, 20))
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):
+        static_generate(model, ids, cfg, 0)
+    with pytest.raises(ValueError, match="max_cache_len must be an integer >= the prompt length"):
+        static_prefill(model, ids, cfg, 10)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        static_generate(model, ids, cfg, 9000)
+
+
+def test_too_many_tokens_and_too_large_chunks_are_reported(model):
+    cfg = LagConfig(4, 16, 0.25)
+    ids = torch.randint(0, 256, (1, 20))
+    logits, cache = static_prefill(model, ids, cfg, 22)
+    with static_lagkv(model, cfg):
+        greedy_decode(model, cache, logits[:, -1:].argmax(-1), 2)
+        cache.check_overflow()  # 22 tokens: fine
+        greedy_decode(model, cache, logits[:, -1:].argmax(-1), 1)  # the 23rd: flagged on the device, not a crash
+        with pytest.raises(ValueError, match="more than 22 tokens"):
+            cache.check_overflow()
+        with pytest.raises(ValueError, match="at most max_chunk=1"):
+            model(input_ids=ids[:, :3], past_key_values=cache)
+    small = StaticLagKVCache(model.config, 5, cfg)
+    with pytest.raises(ValueError, match="first update has 20 tokens"):
+        with static_lagkv(model, cfg):
+            model(input_ids=ids, past_key_values=small)
+
+
+# ------------------------------------------------------------------------------------------------ benchmark
+def test_inference_benchmark_smoke(tmp_path):
+    """benchmarks/bench_inference.py --smoke runs on CPU and writes the JSON the GPU run writes."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_inference
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "smoke.json"
+    assert bench_inference.main(["--smoke", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["command"].startswith("PYTHONPATH=. python3 benchmarks/bench_inference.py --smoke")
+    assert result["environment"]["torch"] == torch.__version__ and result["gpu"] == "cpu"
+    rows = result["inference"]["rows"]
+    assert [(r["prompt_len"], r["batch"]) for r in rows] == [(150, 1), (150, 2)]
+    for row in rows:
+        for key in ("decode_tokens_per_s", "decode_speedup", "prefill_speedup", "kv_bytes_ratio", "bandwidth_fraction",
+                    "host_syncs_per_step"):
+            assert key in row, key
+        assert row["host_syncs_per_step"] == 0
+        assert 0 < row["kv_bytes_ratio"] < 1
+        assert row["lagkv_cache_fast_lrsa"]["eq12_after_prefill"] == LagConfig(4, 16, 0.25).retained_length(150)
+    assert result["inference"]["fit"]["max_batch_lagkv"] > result["inference"]["fit"]["max_batch_full"]
+    assert result["inference"]["check"]["tokens_equal"]
+    for kernels in result["inference"]["kernels"]:
+        for side in ("full", "lagkv"):
+            assert set(kernels[side]) == set(KERNELS)
+            assert all(k["max_abs_diff_vs_sdpa_repeat"] < 1e-5 for k in kernels[side].values())
+
+
+# ----------------------------------------------------------------------------------------------------- CUDA
+@CUDA
+def test_cuda_compiled_graphs_equal_eager_and_teaching():
+    """On a GPU, float32: CUDA-graph decoding (inductor, reduce-overhead) = eager = the teaching path."""
+    m = tiny_model(seed=0).cuda()
+    m.generation_config.eos_token_id = None
+    cfg = LagConfig(4, 16, 0.25)
+    ids = torch.randint(0, 256, (2, 90), generator=torch.Generator().manual_seed(3)).cuda()
+    eager = static_generate(m, ids, cfg, 70, compile=False)
+    compiled = static_generate(m, ids, cfg, 70, compile=True)
+    teaching = compressed_generate(m, ids, cfg, max_new_tokens=70, do_sample=False)
+    assert torch.equal(eager, compiled)
+    assert torch.equal(eager, teaching)
+
+
+@CUDA
+def test_cuda_eager_decode_never_syncs():
+    """torch.cuda.set_sync_debug_mode('error') raises on any synchronising call: none in eager decode steps."""
+    m = tiny_model(seed=0).cuda()
+    cfg = LagConfig(4, 16, 0.25)
+    logits, cache = static_prefill(m, torch.randint(0, 256, (2, 60)).cuda(), cfg, 60 + 40)
+    first = logits[:, -1:].argmax(-1)
+    with static_lagkv(m, cfg):
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            greedy_decode(m, cache, first, 39)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
