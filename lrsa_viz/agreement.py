@@ -204,3 +204,50 @@ def find_flips(parallel_scores: torch.Tensor, chunked_scores: torch.Tensor, conf
             start = sink + p * lag
             flips.append(SelectionFlip(layer, b, h, p, start + x, start + y, gap, drift))
     return flips
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m lrsa_viz.agreement --out FILE.json``: free-run flips and forced-run logit differences of SmolLM2
+    (float32) on the given passages and configs, with the device and torch version; prints one line per case."""
+    import argparse
+    import json
+    import time
+
+    from .models import load_model
+    from .profile import environment_record
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--texts", nargs="+", default=["data/passages/kv_cache_notes.txt", "data/passages/harbour_log.txt"])
+    p.add_argument("--tokens", type=int, default=1100)
+    p.add_argument("--configs", nargs="+", default=["16,128,0.25", "4,64,0.125", "8,32,0.5"], help="S,L,r each")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    model, tok = load_model(device=a.device, dtype=torch.float32)
+    rows = []
+    for path in a.texts:
+        with open(path) as f:
+            ids = tok(f.read(), return_tensors="pt").input_ids[:, : a.tokens]
+        for spec in a.configs:
+            s, lag, r = spec.split(",")
+            cfg = LagConfig(int(s), int(lag), float(r))
+            start = time.time()
+            agreement = compare_selections(model, ids, cfg)
+            with torch.no_grad(), lrsa(model, cfg, keep=agreement.chunked_keep):
+                forced = model(ids.to(model.device)).logits.float()
+            row = {"text": path, "tokens": ids.shape[1], "config": cfg.to_dict(), "flips": agreement.n_flips,
+                   "kept_slots": agreement.kept_slots, "gaps": sorted(f.gap for f in agreement.flips),
+                   "all_near_ties": agreement.all_near_ties(), "max_score_drift": agreement.max_drift,
+                   "free_max_logit_diff": agreement.max_logit_diff,
+                   "forced_max_logit_diff": float((forced - agreement.chunked_logits).abs().max()),
+                   "forced_tolerance": logit_tolerance(agreement.chunked_logits), "seconds": round(time.time() - start, 1)}
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "gaps"}), flush=True)
+    record = {"command": "python -m lrsa_viz.agreement " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+              "environment": environment_record(), "device": a.device, "rows": rows}
+    with open(a.out, "w") as f:
+        json.dump(record, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
