@@ -1,17 +1,24 @@
 """Evaluate greedy answers on long-context QA under full and compressed KV caches, for several models.
 
 Settings (each a row of the results table, per model):
-- ``full``: the whole prompt in one exact prefill, a plain KV cache.
+- ``full``: an exact prefill of the document, then the question, on a plain KV cache (nothing evicted).
 - ``<policy>/chunked`` at ratio r: the LRSA pattern. The WHOLE prompt (document, question, assistant header) goes
   chunk by chunk (S + 2L tokens, then L at a time) through a recursive `LagKVCache` that compresses after every
   chunk; decoding continues on that cache. Token for token the same as `lrsa_viz.compressed_generate`
   (tested), but computes logits only where they are used.
 - ``<policy>/one_shot`` at ratio r: an exact prefill of the chat header + document, compressed once
   (``LagKVCache(mode="one_shot")``); the question and the answer are appended uncompressed.
-Policies: ``lagkv``; the same-budget baselines ``streaming`` (StreamingLLM: sink + most recent) and ``random``.
+Policies: ``lagkv``; the same-budget baselines ``streaming`` (StreamingLLM: sink + most recent), ``random`` and
+``snapkv`` (SnapKV: attention of the newest queries, `lrsa_viz.policies.SnapKVPolicy`).
 
-Scores: exact match and token F1 of the normalised answer (SQuAD normalisation), and ``contains`` (the gold answer
-appears among the answer's words). ``kv_fraction``: stored / seen tokens in the cache once the prompt is read.
+Full KV and every one-shot setting start from the same exact prefill of the document: `greedy_answers_many`
+computes it once per batch and hands a copy of its K/V to each of them (token for token what `greedy_answers`
+gives setting by setting, tested); chunked settings each run their own chunk-by-chunk prefill.
+
+Scores: exact match and token F1 of the normalised answer (SQuAD normalisation), ``contains`` (the gold answer
+appears among the answer's words) and ``score``, the mean of each example's own metric (its ``metric`` field:
+exact match, or set F1 for answers that are sets; `lrsa_viz.tasks.metrics`). ``kv_fraction``: stored / seen
+tokens in the cache once the prompt is read, MEASURED (not the nominal ratio).
 
     python -m lrsa_viz.evaluate --data data/qa/test.jsonl --base default --run full=runs/full \\
         --run lrsa=runs/lrsa --out data/results --name finetune
@@ -19,13 +26,13 @@ appears among the answer's words). ``kv_fraction``: stored / seen tokens in the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import csv
 import hashlib
 import json
-import re
+import math
 import shlex
-import string
 import sys
 import time
 from collections import Counter, defaultdict
@@ -38,17 +45,20 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from .cache import LagKVCache
+from .cli import add_debug_flag, run_cli
 from .config import LagConfig
-from .policies import RandomPolicy, make_policy
+from .policies import RandomPolicy, SnapKVPolicy, make_policy
 from .prefill import prefill_chunks
 from .budget import warn_if_answers_exceed_budget
 from .qa_data import encode_prompts, load_examples
+from .tasks.metrics import exact_match, normalize_answer, score as task_score
 
-POLICY_NAMES = ("lagkv", "streaming", "random")
+POLICY_NAMES = ("lagkv", "streaming", "random", "snapkv")
+BASELINES = ("streaming", "random", "snapkv")
 PATTERNS = ("chunked", "one_shot")
 DEFAULT_RATIOS = (0.5, 0.25, 0.125)
 ROW_FIELDS = ("model", "setting", "policy", "pattern", "ratio", "sink_size", "lag_size", "exact_match", "f1",
-              "contains", "n", "kv_fraction", "seconds")
+              "contains", "score", "n", "kv_fraction", "seconds")
 
 
 @dataclass(frozen=True)
@@ -76,30 +86,23 @@ class Setting:
         return "full" if self.policy is None else f"{self.policy}/{self.pattern}"
 
 
-def default_settings(ratios: Sequence[float] = DEFAULT_RATIOS, one_shot_baselines: bool = False) -> list[Setting]:
-    """Full KV; LagKV chunked and one-shot; StreamingLLM and random chunked (and one-shot if asked), per ratio."""
+def default_settings(ratios: Sequence[float] = DEFAULT_RATIOS, one_shot_baselines: bool = False,
+                     baselines: Sequence[str] = ("streaming", "random")) -> list[Setting]:
+    """Full KV; LagKV chunked and one-shot; each baseline policy chunked (and one-shot if asked), per ratio."""
+    unknown = [b for b in baselines if b not in BASELINES]
+    if unknown:
+        raise ValueError(f"baselines must be among {BASELINES}, got {unknown}")
     out = [Setting()]
     for r in ratios:
-        out += [Setting("lagkv", "chunked", r), Setting("lagkv", "one_shot", r), Setting("streaming", "chunked", r),
-                Setting("random", "chunked", r)]
+        out += [Setting("lagkv", "chunked", r), Setting("lagkv", "one_shot", r)]
+        out += [Setting(b, "chunked", r) for b in baselines]
         if one_shot_baselines:
-            out += [Setting("streaming", "one_shot", r), Setting("random", "one_shot", r)]
+            out += [Setting(b, "one_shot", r) for b in baselines]
     return out
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Scores
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD normalisation: lower case, no punctuation, no articles, single spaces."""
-    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
-
-
-def exact_match(prediction: str, gold: str) -> float:
-    return float(normalize_answer(prediction) == normalize_answer(gold))
+# Scores (normalize_answer and exact_match live in lrsa_viz.tasks.metrics, with the task metrics)
 
 
 def token_f1(prediction: str, gold: str) -> float:
@@ -120,6 +123,11 @@ def contains_answer(prediction: str, gold: str) -> float:
     return float(any(pred[i:i + len(ref)] == ref for i in range(len(pred) - len(ref) + 1)))
 
 
+def example_score(prediction: str, example: dict) -> float:
+    """The example's own metric (its ``metric`` field, default exact match) of one prediction."""
+    return task_score(example.get("metric", "exact_match"), prediction, example["answer"])
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Greedy answers under a cache setting
 
@@ -135,14 +143,48 @@ def make_cache(setting: Setting, lag: LagConfig, seed: int = 0):
 
 
 def prompt_spans(n_tokens: int, context_end: int, setting: Setting, lag: LagConfig) -> list[tuple[int, int]]:
-    """[start, end) of the forward passes that read a prompt of ``n_tokens`` under ``setting``."""
-    if setting.policy is None:
-        return [(0, n_tokens)]
-    if setting.pattern == "chunked":
+    """[start, end) of the forward passes that read a prompt of ``n_tokens`` under ``setting``.
+
+    Full KV and one-shot: the document (``[0, context_end)``) then the rest; chunked: `prefill_chunks`.
+    """
+    if setting.policy is not None and setting.pattern == "chunked":
         return prefill_chunks(n_tokens, lag)
     if not 0 < context_end < n_tokens:
+        if setting.policy is None:
+            return [(0, n_tokens)]
         raise ValueError(f"context_end must be in (0, {n_tokens}) for one-shot compression, got {context_end}")
     return [(0, context_end), (context_end, n_tokens)]
+
+
+def _check_greedy_inputs(input_ids: torch.Tensor, max_new_tokens: int) -> None:
+    if input_ids.ndim != 2 or input_ids.shape[1] < 2:
+        raise ValueError(f"input_ids must be [B, N] with N >= 2, got shape {tuple(input_ids.shape)}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+
+
+def _policy_context(model, cache):
+    """The policy's `observe` context (SnapKV reads the model's queries), a no-op for the others."""
+    return cache.policy.observe(model) if isinstance(cache, LagKVCache) else contextlib.nullcontext()
+
+
+def _kv_fraction(cache, n_tokens: int) -> float:
+    stored = cache.stored_lengths() if isinstance(cache, LagKVCache) else [n_tokens] * len(cache.layers)
+    return sum(stored) / (len(stored) * n_tokens)
+
+
+def _greedy_decode(model, logits: torch.Tensor, cache, max_new_tokens: int, eos_token_id: int) -> torch.Tensor:
+    """Greedy tokens [B, T] from the last prompt logits [B, V], continuing on ``cache``."""
+    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    out = []
+    for step in range(max_new_tokens):
+        token = torch.where(done, torch.full_like(done, eos_token_id, dtype=torch.long), logits.argmax(-1))
+        out.append(token)
+        done |= token == eos_token_id
+        if step == max_new_tokens - 1 or bool(done.all()):
+            break
+        logits = model(input_ids=token[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
+    return torch.stack(out, dim=1)
 
 
 @torch.no_grad()
@@ -158,28 +200,73 @@ def greedy_answers(model, input_ids: torch.Tensor, context_end: int, setting: Se
         (new tokens [B, T] with T <= max_new_tokens, eos_token_id after a row's end; kv_fraction = stored / seen
         tokens averaged over layers once the prompt is read).
     """
-    if input_ids.ndim != 2 or input_ids.shape[1] < 2:
-        raise ValueError(f"input_ids must be [B, N] with N >= 2, got shape {tuple(input_ids.shape)}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    _check_greedy_inputs(input_ids, max_new_tokens)
     cache = make_cache(setting, lag, seed)
     n = input_ids.shape[1]
-    logits = None
-    for start, end in prompt_spans(n, context_end, setting, lag):
-        logits = model(input_ids=input_ids[:, start:end], past_key_values=cache, use_cache=True,
-                       logits_to_keep=1).logits[:, -1]
-    stored = cache.stored_lengths() if isinstance(cache, LagKVCache) else [n] * len(cache.layers)
-    kv_fraction = sum(stored) / (len(stored) * n)
-    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    out = []
-    for step in range(max_new_tokens):
-        token = torch.where(done, torch.full_like(done, eos_token_id, dtype=torch.long), logits.argmax(-1))
-        out.append(token)
-        done |= token == eos_token_id
-        if bool(done.all()) or step == max_new_tokens - 1:
-            break
-        logits = model(input_ids=token[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
-    return torch.stack(out, dim=1), kv_fraction
+    with _policy_context(model, cache):
+        for start, end in prompt_spans(n, context_end, setting, lag):
+            logits = model(input_ids=input_ids[:, start:end], past_key_values=cache, use_cache=True,
+                           logits_to_keep=1).logits[:, -1]
+        kv_fraction = _kv_fraction(cache, n)
+        return _greedy_decode(model, logits, cache, max_new_tokens, eos_token_id), kv_fraction
+
+
+@torch.no_grad()
+def greedy_answers_many(model, input_ids: torch.Tensor, context_end: int, settings: Sequence[Setting],
+                        lag: LagConfig, max_new_tokens: int, eos_token_id: int, seed: int = 0,
+                        seconds: dict | None = None) -> dict[Setting, tuple[torch.Tensor, float]]:
+    """`greedy_answers` for several settings, with ONE exact prefill of the document shared by full KV and every
+    one-shot setting (each gets a copy of its K/V, compressed once by its own policy).
+
+    Returns:
+        {setting: (tokens [B, T], kv_fraction)}, token for token what `greedy_answers` returns (tested).
+    ``seconds``: if given, the wall time of each setting is added to ``seconds[setting]`` (the shared prefill is
+    counted in the full-KV setting, or in the first one-shot setting without it).
+    """
+    _check_greedy_inputs(input_ids, max_new_tokens)
+    n = input_ids.shape[1]
+    device = input_ids.device
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    clock = {}
+
+    def timed(setting, t0):
+        sync()
+        if seconds is not None:
+            seconds[setting] = seconds.get(setting, 0.0) + time.perf_counter() - t0
+
+    shared = [s for s in settings if s.policy is None or s.pattern == "one_shot"] if 0 < context_end < n else []
+    out: dict[Setting, tuple[torch.Tensor, float]] = {}
+    if shared:
+        t0 = time.perf_counter()
+        records: dict[int, tuple[torch.Tensor, float]] = {}
+        snap = any(s.policy == "snapkv" for s in shared)
+        prefix = DynamicCache()
+        with SnapKVPolicy().observe(model, record=records) if snap else contextlib.nullcontext():
+            model(input_ids=input_ids[:, :context_end], past_key_values=prefix, use_cache=True, logits_to_keep=1)
+        kv = [(layer.keys, layer.values) for layer in prefix.layers]
+        del prefix
+        clock["prefill"] = time.perf_counter() - t0
+        first = next((s for s in shared if s.policy is None), shared[0])
+        for s in shared:
+            t0 = time.perf_counter() - (clock["prefill"] if s == first else 0.0)
+            cache = make_cache(s, lag, seed)
+            for i, (k, v) in enumerate(kv):
+                if s.policy == "snapkv":
+                    cache.policy.set_queries(*records[i])
+                cache.update(k, v, i)
+            with _policy_context(model, cache):
+                logits = model(input_ids=input_ids[:, context_end:], past_key_values=cache, use_cache=True,
+                               logits_to_keep=1).logits[:, -1]
+                fraction = _kv_fraction(cache, n)
+                out[s] = (_greedy_decode(model, logits, cache, max_new_tokens, eos_token_id), fraction)
+            del cache
+            timed(s, t0)
+    for s in settings:
+        if s not in out:
+            t0 = time.perf_counter()
+            out[s] = greedy_answers(model, input_ids, context_end, s, lag, max_new_tokens, eos_token_id, seed)
+            timed(s, t0)
+    return out
 
 
 def decode_answer(tokenizer, tokens: Sequence[int]) -> str:
@@ -199,54 +286,85 @@ def group_prompts(tokenizer, examples: Sequence[dict]) -> dict[tuple[int, int], 
     return dict(groups)
 
 
+def budget_examples(examples: Sequence[dict]) -> list[dict]:
+    """What the answer-budget check must see: every string an answer is read back from (an example's
+    ``retrieve`` list, e.g. each value of a set answer), else its whole answer."""
+    return [{"answer": part} for ex in examples for part in (ex.get("retrieve") or [ex["answer"]])]
+
+
 def evaluate_model(model, tokenizer, examples: Sequence[dict], settings: Sequence[Setting], lag: LagConfig,
                    batch_size: int = 16, max_new_tokens: int = 16, seed: int = 0, model_name: str = "model",
                    progress: bool = True) -> list[dict]:
     """One result row per setting (see ROW_FIELDS) with the answers in ``row["predictions"]``.
 
-    Prompts of equal length (and equal context_end) are batched together, ``batch_size`` at a time.
+    Prompts of equal length (and equal context_end) are batched together, ``batch_size`` at a time; within a
+    batch every setting is run (`greedy_answers_many`).
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if not examples:
         raise ValueError("examples: nothing to evaluate")
+    if not settings or len(set(settings)) != len(settings):
+        raise ValueError(f"settings: need at least one setting and no repeats, got {list(settings)}")
+    parts = budget_examples(examples)
     for ratio in sorted({s.ratio for s in settings if s.policy is not None}):  # answers that cannot be kept whole
-        warn_if_answers_exceed_budget(tokenizer, examples, dataclasses.replace(lag, ratio=ratio),
+        warn_if_answers_exceed_budget(tokenizer, parts, dataclasses.replace(lag, ratio=ratio),
                                       f"evaluate {model_name} at ratio {ratio}")
     device = next(model.parameters()).device
     groups = group_prompts(tokenizer, examples)
     batches = [(key[1], members[i:i + batch_size]) for key, members in sorted(groups.items())
                for i in range(0, len(members), batch_size)]
-    rows = []
-    bar = tqdm(total=len(settings) * len(batches), desc=f"evaluate {model_name}", disable=not progress)
-    for setting in settings:
-        predictions: list[str | None] = [None] * len(examples)
-        fractions: list[tuple[float, int]] = []
-        t0 = time.perf_counter()
-        for context_end, members in batches:
-            ids = torch.tensor([m[1] for m in members], device=device)
-            tokens, fraction = greedy_answers(model, ids, context_end, setting, lag, max_new_tokens,
-                                              tokenizer.eos_token_id, seed=seed)
+    predictions: dict[Setting, list[str | None]] = {s: [None] * len(examples) for s in settings}
+    fractions: dict[Setting, list[tuple[float, int]]] = {s: [] for s in settings}
+    seconds: dict[Setting, float] = {}
+    for context_end, members in tqdm(batches, desc=f"evaluate {model_name}", disable=not progress):
+        ids = torch.tensor([m[1] for m in members], device=device)
+        answers = greedy_answers_many(model, ids, context_end, settings, lag, max_new_tokens,
+                                      tokenizer.eos_token_id, seed=seed, seconds=seconds)
+        for setting, (tokens, fraction) in answers.items():
             for (index, _), row_tokens in zip(members, tokens.tolist()):
-                predictions[index] = decode_answer(tokenizer, row_tokens)
-            fractions.append((fraction, len(members)))
-            bar.update(1)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        golds = [ex["answer"] for ex in examples]
-        n = len(examples)
+                predictions[setting][index] = decode_answer(tokenizer, row_tokens)
+            fractions[setting].append((fraction, len(members)))
+    golds = [ex["answer"] for ex in examples]
+    n = len(examples)
+    rows = []
+    for setting in settings:
+        preds = predictions[setting]
         rows.append({
             "model": model_name, "setting": setting.name, "policy": setting.policy or "none",
             "pattern": setting.pattern or "none", "ratio": setting.ratio if setting.ratio is not None else 1.0,
             "sink_size": lag.sink_size, "lag_size": lag.lag_size,
-            "exact_match": sum(map(exact_match, predictions, golds)) / n,
-            "f1": sum(map(token_f1, predictions, golds)) / n,
-            "contains": sum(map(contains_answer, predictions, golds)) / n,
-            "n": n, "kv_fraction": sum(f * k for f, k in fractions) / n,
-            "seconds": round(time.perf_counter() - t0, 3), "predictions": predictions,
+            "exact_match": sum(map(exact_match, preds, golds)) / n,
+            "f1": sum(map(token_f1, preds, golds)) / n,
+            "contains": sum(map(contains_answer, preds, golds)) / n,
+            "score": sum(map(example_score, preds, examples)) / n,
+            "n": n, "kv_fraction": sum(f * k for f, k in fractions[setting]) / n,
+            "seconds": round(seconds.get(setting, 0.0), 3), "predictions": preds,
         })
-    bar.close()
     return rows
+
+
+@torch.no_grad()
+def prose_loss(model, tokenizer, texts: Sequence[str], max_tokens: int = 8192) -> dict[str, float]:
+    """Language-model loss of ``model`` on plain texts with the full cache (one exact forward per text).
+
+    Returns:
+        {"loss": mean next-token cross-entropy over all predicted tokens (nats), "tokens": how many,
+        "perplexity": exp(loss)}. Each text is cut to ``max_tokens`` tokens.
+    """
+    if not texts:
+        raise ValueError("texts: need at least one text")
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
+        if len(ids) < 2:
+            raise ValueError(f"texts: every text needs at least 2 tokens, got {len(ids)}")
+        x = torch.tensor([ids], device=device)
+        logits = model(input_ids=x, use_cache=False).logits[0, :-1].float()
+        total += float(torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum"))
+        count += len(ids) - 1
+    return {"loss": total / count, "tokens": count, "perplexity": math.exp(total / count)}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -299,8 +417,8 @@ def write_results(results: dict, out_dir: str | Path, name: str) -> dict[str, Pa
     with paths["csv"].open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(ROW_FIELDS) + list(meta))
         w.writeheader()
-        for row in results["rows"]:
-            w.writerow({**{k: row[k] for k in ROW_FIELDS}, **meta})
+        for row in results_table(results):
+            w.writerow({**row, **meta})
     if results.get("curves"):
         paths["curves"] = out_dir / f"{name}_curves.csv"
         fields = ["run"] + [k for k in results["curves"][0] if k != "run"]
@@ -317,8 +435,10 @@ def read_results(path: str | Path) -> dict:
 
 
 def results_table(results: dict) -> list[dict]:
-    """The rows without their predictions (for display)."""
-    return [{k: row[k] for k in ROW_FIELDS} for row in results["rows"]]
+    """The rows without their predictions (for display); rows of older files without ``score`` get their exact
+    match (the metric of the single-answer task)."""
+    return [{k: row.get(k, row["exact_match"]) if k == "score" else row[k] for k in ROW_FIELDS}
+            for row in results["rows"]]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -350,7 +470,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--ratios", type=float, nargs="+", default=list(DEFAULT_RATIOS))
     p.add_argument("--sink-size", type=int, default=16)
     p.add_argument("--lag-size", type=int, default=128)
-    p.add_argument("--one-shot-baselines", action="store_true", help="also streaming/random one-shot rows")
+    p.add_argument("--baselines", nargs="*", choices=BASELINES, default=["streaming", "random"],
+                   help="same-budget baseline policies (chunked rows; one-shot too with --one-shot-baselines)")
+    p.add_argument("--one-shot-baselines", action="store_true", help="also one-shot rows of the baselines")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--seed", type=int, default=0, help="seed of the random-selection baseline")
@@ -359,13 +481,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--name", default="finetune")
     p.add_argument("--experiment", default=None, help="the command that ran the whole experiment, to record")
     p.add_argument("--no-progress", action="store_true")
+    add_debug_flag(p)
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(a.dtype) or (
         torch.bfloat16 if device.type == "cuda" else torch.float32)
     lag = LagConfig(sink_size=a.sink_size, lag_size=a.lag_size, ratio=min(a.ratios))
-    settings = default_settings(a.ratios, a.one_shot_baselines)
+    settings = default_settings(a.ratios, a.one_shot_baselines, a.baselines)
     examples = load_examples(a.data, split=a.split, limit=a.limit)
     runs = parse_runs(a.run)
     models: dict[str, Callable[[], tuple]] = {}
@@ -410,12 +533,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 def print_table(results: dict, file=sys.stdout) -> None:
     """A plain-text view of the table: one line per (model, setting, ratio)."""
-    print(f"{'model':<8} {'setting':<20} {'ratio':>6} {'EM':>6} {'F1':>6} {'contains':>8} {'kv':>6} {'s':>7}",
-          file=file)
+    print(f"{'model':<8} {'setting':<20} {'ratio':>6} {'EM':>6} {'F1':>6} {'contains':>8} {'score':>6} {'kv':>6} "
+          f"{'s':>7}", file=file)
     for r in results["rows"]:
         print(f"{r['model']:<8} {r['setting']:<20} {r['ratio']:>6.3f} {r['exact_match']:>6.3f} {r['f1']:>6.3f} "
-              f"{r['contains']:>8.3f} {r['kv_fraction']:>6.3f} {r['seconds']:>7.1f}", file=file)
+              f"{r['contains']:>8.3f} {r.get('score', r['exact_match']):>6.3f} {r['kv_fraction']:>6.3f} "
+              f"{r['seconds']:>7.1f}", file=file)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

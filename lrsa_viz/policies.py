@@ -2,9 +2,14 @@
 
 Every policy keeps the sink, the newest partition and the remainder, and exactly ``int(r * L)`` tokens per
 finalised partition, so all of them hold the same number of tokens (METHOD eq. 12) and differ only in WHICH.
-Score-based policies (kvpress style) implement one method, `score`; StreamingLLM keeps the most recent ones.
+Score-based policies (kvpress style) implement one method, `score`; StreamingLLM keeps the most recent ones;
+SnapKV scores with the attention of the newest queries, which it reads from the model (`SnapKVPolicy.observe`).
+Every selection goes through `lrsa_viz.scoring.select_top_k` (the one tie rule).
 """
 from __future__ import annotations
+
+import contextlib
+from typing import Iterator
 
 import torch
 
@@ -41,15 +46,32 @@ class Policy:
         Returns:
             LongTensor [B, H, stored - n_scored * (L - k)], ascending.
         """
-        lag = config.lag_size
-        hi = final + n_scored * lag
-        scores = self.score(keys[:, :, final: hi + lag], values[:, :, final: hi + lag], config)
+        hi = final + n_scored * config.lag_size
+        scores = self.score(keys[:, :, final: hi + config.lag_size], values[:, :, final: hi + config.lag_size], config)
+        return self.assemble(scores, final, keys.shape[-2], config)
+
+    @staticmethod
+    def assemble(scores: torch.Tensor, final: int, stored: int, config: LagConfig) -> torch.Tensor:
+        """Stored indices to keep, given the scores of the partitions being finalised.
+
+        Args:
+            scores: [B, H, n_scored, L], the partitions that start at stored index ``final``.
+            stored: tokens stored now (everything after the scored partitions is kept).
+        Returns:
+            LongTensor [B, H, stored - n_scored * (L - k)], ascending: ``[:final]``, the top-k of each partition
+            (`select_top_k`), then ``[final + n_scored * L:]``.
+        """
+        lag, n_scored = config.lag_size, scores.shape[2]
         offsets = select_top_k(scores, config.top_k)  # [B, H, n_scored, k]
         picked = (offsets + final + lag * torch.arange(n_scored, device=offsets.device)[:, None]).flatten(2)
         b, h = picked.shape[:2]
         before = torch.arange(final, device=picked.device).expand(b, h, -1)
-        after = torch.arange(hi, keys.shape[-2], device=picked.device).expand(b, h, -1)
+        after = torch.arange(final + n_scored * lag, stored, device=picked.device).expand(b, h, -1)
         return torch.cat([before, picked, after], dim=-1)
+
+    def observe(self, model) -> contextlib.AbstractContextManager:
+        """A context in which the policy may read what it needs from ``model``'s forward passes (nothing here)."""
+        return contextlib.nullcontext()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -96,7 +118,115 @@ class StreamingPolicy(Policy):
         return idx.expand(b, h, -1)
 
 
-POLICIES = {"lagkv": LagKVPolicy, "random": RandomPolicy, "streaming": StreamingPolicy}
+class SnapKVPolicy(Policy):
+    """SnapKV (Li et al. 2024, arXiv 2404.14469) at the same budget: keep the tokens that the newest queries attend to.
+
+    SnapKV scores every cached token by the attention it receives from an *observation window*, the last ``window``
+    queries of the prompt, summed over the window, averaged over the query heads of a KV head (GQA, as kvpress
+    does) and smoothed with a 1-D average pool of width ``kernel_size``. Here it runs wherever the cache finalises
+    partitions: the window is the last ``min(window, new tokens, tokens after the scored partitions)`` queries of
+    the forward call that triggers the compression (one-shot: the end of the document; chunked prefill: the end
+    of the newest chunk; decoding: the one new token). Each scored partition keeps its top ``int(r * L)`` tokens
+    (`select_top_k`), so the budget is LagKV's.
+
+    The queries are not in the cache: `observe` registers forward pre-hooks on the model's attention modules
+    that compute the window's post-RoPE queries from the layer input (as kvpress does). Use it as
+    ``with policy.observe(model): model(ids, past_key_values=LagKVCache(cfg, policy=policy))``; without it the
+    compression raises ValueError. `set_queries` feeds queries by hand (tests, replayed prefills).
+    """
+
+    name = "snapkv"
+
+    def __init__(self, window: int = 32, kernel_size: int = 5):
+        for name, value in (("window", window), ("kernel_size", kernel_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd (a centred pool), got {kernel_size}")
+        self.window = window
+        self.kernel_size = kernel_size
+        self._pending: tuple[torch.Tensor, float] | None = None  # (queries [B, Hq, w, d], softmax scale)
+
+    def set_queries(self, queries: torch.Tensor, scaling: float) -> None:
+        """The post-RoPE queries [B, Hq, w, d] of the newest tokens of the next `keep` call's layer, and its scale."""
+        if not isinstance(queries, torch.Tensor) or queries.ndim != 4:
+            raise ValueError(f"queries must be a [B, H_q, w, d] tensor, got {getattr(queries, 'shape', queries)!r}")
+        self._pending = (queries[:, :, -self.window:].detach(), float(scaling))
+
+    @contextlib.contextmanager
+    def observe(self, model, record: dict | None = None) -> Iterator["SnapKVPolicy"]:
+        """Within the context, every attention module of ``model`` hands its window's queries to this policy.
+
+        ``record``: if given, also ``record[layer_idx] = (queries [B, Hq, w, d], scaling)`` of the latest call of
+        each layer (to replay a prefill's compression later, as `lrsa_viz.evaluate.greedy_answers_many` does).
+        """
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        modules = [m for m in model.modules() if hasattr(m, "q_proj") and hasattr(m, "layer_idx")]
+        if not modules:
+            raise ValueError(f"model: SnapKVPolicy needs attention modules with q_proj (Llama-style); "
+                             f"found none in {type(model).__name__}")
+
+        def hook(module, args, kwargs):
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            cos, sin = kwargs["position_embeddings"]
+            w = min(self.window, hidden.shape[1])
+            q = module.q_proj(hidden[:, -w:])
+            q = q.view(*q.shape[:2], -1, module.head_dim).transpose(1, 2)  # [B, Hq, w, d]
+            q, _ = apply_rotary_pos_emb(q, q, cos[:, -w:], sin[:, -w:])
+            self.set_queries(q, module.scaling)
+            if record is not None:
+                record[module.layer_idx] = self._pending
+
+        handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+            self._pending = None
+
+    def window_scores(self, queries: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Attention received by every stored key from the window queries, pooled.
+
+        Args:
+            queries: [B, Hq, w, d], the LAST w stored tokens' queries (Hq a multiple of H_kv).
+            keys: [B, H_kv, stored, d].
+        Returns:
+            [B, H_kv, stored] float32: softmax(q k^T * scaling) (causal inside the window), summed over the window,
+            averaged over the query heads of each KV head, then average-pooled over positions (width kernel_size).
+        """
+        b, h_kv, n, d = keys.shape
+        hq, w = queries.shape[1], queries.shape[2]
+        if hq % h_kv or queries.shape[0] != b or queries.shape[-1] != d or w > n:
+            raise ValueError(f"queries {tuple(queries.shape)} do not fit keys {tuple(keys.shape)} (need [B, H_kv*G, w<=N, d])")
+        q = queries.float().view(b, h_kv, hq // h_kv, w, d)
+        logits = torch.einsum("bhgwd,bhnd->bhgwn", q, keys.float()) * scaling
+        future = torch.arange(n, device=keys.device)[None, :] > torch.arange(n - w, n, device=keys.device)[:, None]
+        probs = logits.masked_fill(future, float("-inf")).softmax(dim=-1)  # [B, H_kv, G, w, N]
+        scores = probs.sum(dim=3).mean(dim=2)  # [B, H_kv, N]
+        pooled = torch.nn.functional.avg_pool1d(scores.reshape(b * h_kv, 1, n), self.kernel_size, stride=1,
+                                                padding=self.kernel_size // 2)
+        return pooled.view(b, h_kv, n)
+
+    def keep(self, keys, values, final, n_scored, config):
+        if self._pending is None:
+            raise ValueError("SnapKVPolicy needs the queries of the newest tokens: run the model inside "
+                             "`with policy.observe(model):` (or call policy.set_queries before the cache update)")
+        queries, scaling = self._pending
+        self._pending = None  # one layer's queries serve that layer's compression only
+        stored, lag = keys.shape[-2], config.lag_size
+        hi = final + n_scored * lag
+        w = min(queries.shape[2], stored - hi)  # the window lies after the scored partitions
+        scores = self.window_scores(queries[:, :, queries.shape[2] - w:], keys, scaling)
+        b, h = scores.shape[:2]
+        return self.assemble(scores[:, :, final:hi].reshape(b, h, n_scored, lag), final, stored, config)
+
+    def __repr__(self) -> str:
+        return f"SnapKVPolicy(window={self.window}, kernel_size={self.kernel_size})"
+
+
+POLICIES = {"lagkv": LagKVPolicy, "random": RandomPolicy, "streaming": StreamingPolicy, "snapkv": SnapKVPolicy}
 
 
 def make_policy(policy: str | Policy | None) -> Policy:

@@ -17,14 +17,19 @@ import argparse
 import json
 import os
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
 
+from .cli import add_debug_flag, run_cli
+
 REQUIRED_FIELDS = ("context", "question", "answer")
-PROMPT_TEMPLATE = "{context}\n\nQuestion: {question}\nAnswer with the exact value only."
+PROMPT_TEMPLATE = "{context}\n\nQuestion: {question}\n{instruction}"
+#: the last line of the prompt unless an example names its own ``instruction`` (the task suite's set answers do)
+DEFAULT_INSTRUCTION = "Answer with the exact value only."
 SPLITS = ("train", "dev", "test")
 IGNORE_INDEX = -100
 
@@ -315,6 +320,8 @@ def check_example(ex: object, where: str) -> dict:
             raise ValueError(f"{where}: missing field {field!r} (required: {', '.join(REQUIRED_FIELDS)})")
         if not isinstance(ex[field], str) or not ex[field].strip():
             raise ValueError(f"{where}: field {field!r} must be a non-empty string, got {ex[field]!r:.60}")
+    if "instruction" in ex and (not isinstance(ex["instruction"], str) or not ex["instruction"].strip()):
+        raise ValueError(f"{where}: field 'instruction' (optional) must be a non-empty string, got {ex['instruction']!r:.60}")
     return ex
 
 
@@ -396,7 +403,8 @@ def load_examples(source: str | Path, split: str | None = None, limit: int | Non
 
 def prompt_text(tokenizer, example: dict) -> str:
     """The full prompt string (chat template, generation prompt appended) for one example."""
-    content = PROMPT_TEMPLATE.format(context=example["context"], question=example["question"])
+    content = PROMPT_TEMPLATE.format(context=example["context"], question=example["question"],
+                                     instruction=example.get("instruction") or DEFAULT_INSTRUCTION)
     return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                          add_generation_prompt=True)
 
@@ -517,6 +525,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1, help="processes that make examples (same result for any number)")
     p.add_argument("--model", default=None, help="tokenizer source (default: $LRSA_VIZ_MODEL or SmolLM2-135M-Instruct)")
+    add_debug_flag(p)
     a = p.parse_args(argv)
     config = QAConfig(context_tokens=a.context_tokens, n_facts=a.n_facts, answer_digits=a.answer_digits)
     paths = generate_splits(load_tokenizer(a.model), a.out, {"train": a.train, "dev": a.dev, "test": a.test},
@@ -526,4 +535,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from .attention import check_right_padding, enable_lrsa
 from .config import LagConfig
 from .budget import warn_if_answers_exceed_budget
+from .cli import add_debug_flag, run_cli
 from .qa_data import IGNORE_INDEX, collate, encode_examples, load_examples, load_tokenizer
 
 MODES = ("full", "lrsa")
@@ -426,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio", type=float, default=lag.ratio)
     p.add_argument("--resume", action="store_true", help="continue each run from OUT/<mode>/checkpoint")
     p.add_argument("--no-progress", action="store_true")
+    add_debug_flag(p)
     return p
 
 
@@ -450,4 +452,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from lrsa_viz import LagConfig, LagKVCache, compressed_generate
-from lrsa_viz.evaluate import (Setting, contains_answer, default_settings, evaluate_model, exact_match,
-                               greedy_answers, main, normalize_answer, parse_runs, token_f1)
+from lrsa_viz.evaluate import (Setting, budget_examples, contains_answer, default_settings, evaluate_model,
+                               exact_match, greedy_answers, greedy_answers_many, main, normalize_answer, parse_runs,
+                               prose_loss, token_f1)
 from lrsa_viz.policies import RandomPolicy
 from lrsa_viz.qa_data import QAConfig, QAGenerator, encode_prompt, load_tokenizer, write_jsonl
 from lrsa_viz.train import load_source
@@ -49,6 +50,10 @@ def test_settings():
         ("lagkv", "chunked"), ("lagkv", "one_shot"), ("streaming", "chunked"), ("random", "chunked"))
         for r in (0.5, 0.25, 0.125)}
     assert len(default_settings([0.5], one_shot_baselines=True)) == 7
+    assert [x.name for x in default_settings([0.5], baselines=("snapkv",))] == ["full", "lagkv/chunked",
+                                                                               "lagkv/one_shot", "snapkv/chunked"]
+    with pytest.raises(ValueError, match="baselines must be among"):
+        default_settings([0.5], baselines=("h2o",))
     with pytest.raises(ValueError, match="policy must be one of"):
         Setting("h2o", "chunked", 0.5)
     with pytest.raises(ValueError, match="pattern must be one of"):
@@ -114,6 +119,54 @@ def test_batched_evaluation_equals_one_at_a_time(tok, tiny_lm, examples):
         evaluate_model(tiny_lm, tok, examples, settings, LAG, batch_size=0)
 
 
+def test_shared_prefill_equals_one_setting_at_a_time(tok, tiny_lm):
+    """greedy_answers_many shares one exact prefill among full KV and the one-shot settings: every setting's
+    tokens and kv_fraction are exactly those of greedy_answers (every policy, both patterns)."""
+    from lrsa_viz.tasks import make_task
+
+    examples = make_task("multi_key", tok, 400).split("test", 3)
+    ids, end = prompt_batch(tok, examples)
+    settings = default_settings((0.5, 0.125), one_shot_baselines=True, baselines=("streaming", "random", "snapkv"))
+    assert len(settings) == 1 + 2 * 8
+    seconds = {}
+    many = greedy_answers_many(tiny_lm, ids, end, settings, LAG, 5, tok.eos_token_id, seed=3, seconds=seconds)
+    assert set(many) == set(settings) == set(seconds)
+    for s in settings:
+        tokens, fraction = greedy_answers(tiny_lm, ids, end, s, LAG, 5, tok.eos_token_id, seed=3)
+        assert many[s][0].tolist() == tokens.tolist(), s
+        assert many[s][1] == fraction
+    assert many[Setting("snapkv", "one_shot", 0.5)][1] == many[Setting("lagkv", "one_shot", 0.5)][1] < 1
+
+
+def test_rows_score_each_example_with_its_own_metric(tok, tiny_lm):
+    """``score`` is exact match for single answers and set F1 for set answers; the budget check sees each value."""
+    from lrsa_viz.tasks import make_task
+
+    examples = make_task("multi_value", tok, 400).split("test", 2)
+    assert budget_examples(examples) == [{"answer": v} for ex in examples for v in ex["answer"].split(", ")]
+    rows = evaluate_model(tiny_lm, tok, examples, [Setting()], LAG, batch_size=2, max_new_tokens=3, progress=False)
+    from lrsa_viz.tasks import set_f1
+    expected = sum(set_f1(p, ex["answer"]) for p, ex in zip(rows[0]["predictions"], examples)) / 2
+    assert rows[0]["score"] == expected
+    with pytest.raises(ValueError, match="no repeats"):
+        evaluate_model(tiny_lm, tok, examples, [Setting(), Setting()], LAG, progress=False)
+
+
+def test_prose_loss_is_the_mean_next_token_cross_entropy(tok, tiny_lm):
+    texts = ["It was the best of times, it was the worst of times.", "Four score and seven years ago."]
+    got = prose_loss(tiny_lm, tok, texts)
+    total, count = 0.0, 0
+    for t in texts:
+        ids = torch.tensor([tok(t, add_special_tokens=False).input_ids])
+        with torch.no_grad():
+            logits = tiny_lm(ids).logits[0, :-1]
+        total += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+        count += ids.shape[1] - 1
+    assert got["tokens"] == count and got["loss"] == pytest.approx(total / count, rel=1e-5)
+    with pytest.raises(ValueError, match="at least one text"):
+        prose_loss(tiny_lm, tok, [])
+
+
 def test_parse_runs():
     assert parse_runs(["full=a/b", "lrsa=c"]) == {"full": "a/b", "lrsa": "c"}
     with pytest.raises(ValueError, match="NAME=RUN_DIR"):
@@ -140,7 +193,7 @@ def test_tiny_experiment_end_to_end(tmp_path, tok):
         (m, s.name, s.ratio or 1.0) for m in ("base", "full", "lrsa") for s in default_settings()]
     for r in rows:
         assert r["n"] == 6 and len(r["predictions"]) == 6 and all(isinstance(p, str) for p in r["predictions"])
-        for k in ("exact_match", "f1", "contains"):
+        for k in ("exact_match", "f1", "contains", "score"):
             assert 0.0 <= r[k] <= 1.0
         assert 0 < r["kv_fraction"] <= 1 and r["seconds"] > 0
         assert (r["kv_fraction"] == 1.0) == (r["setting"] == "full")

@@ -415,15 +415,49 @@ def test_evaluate_cli_bad_input(qa_files, tmp_path, args, error, match):
     assert not (tmp_path / "out").exists(), "no partial result table"
 
 
-def test_cli_process_exits_nonzero_with_the_message(tmp_path):
-    """What a shell user sees: exit status 1 and the error on the last line of stderr."""
+def test_cli_process_prints_one_line_and_exits_2(tmp_path):
+    """What a shell user sees: exit status 2 and one line on stderr, no traceback; --debug shows the traceback."""
+    import os
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-m", "lrsa_viz.qa_data", "--out", str(tmp_path), "--context-tokens", "10"],
-                          capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "TQDM_DISABLE": "1"})
-    assert done.returncode != 0
-    assert done.stderr.strip().splitlines()[-1] == "ValueError: context_tokens must be an integer in [64, 32768], got 10"
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    cmd = [sys.executable, "-m", "lrsa_viz.qa_data", "--out", str(tmp_path), "--context-tokens", "10"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 2
+    lines = [l for l in done.stderr.splitlines() if l.strip()]
+    assert lines == ["error: context_tokens must be an integer in [64, 32768], got 10"], done.stderr
+    debug = subprocess.run(cmd + ["--debug"], capture_output=True, text=True, timeout=300, env=env)
+    assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
+    assert debug.stderr.strip().splitlines()[-1] == "ValueError: context_tokens must be an integer in [64, 32768], got 10"
+
+
+@pytest.mark.parametrize("module, args, message", [
+    ("qa_data", ["--out", "{tmp}/o", "--n-facts", "0"], "error: n_facts must be an integer in [1, 32], got 0"),
+    ("train", ["--train-data", "{missing}", "--out", "{tmp}/r", "--model", "tiny:0", "--steps", "1"],
+     "error: source: {missing} is neither a JSONL file nor a datasets directory"),
+    ("train", ["--train-data", "{bad}", "--out", "{tmp}/r", "--model", "tiny:0", "--steps", "0"],
+     "error: steps must be an integer >= 1, got 0"),
+    ("evaluate", ["--data", "{bad}", "--base", "tiny:0", "--out", "{tmp}/e"],
+     "error: {bad}, line 2: not valid JSON (Expecting value at column 45)"),
+    ("evaluate", ["--data", "{good}", "--run", "nope", "--out", "{tmp}/e"], "error: --run must be NAME=RUN_DIR, got 'nope'"),
+])
+def test_cli_errors_are_one_line_with_exit_status_2(qa_files, tmp_path, capsys, module, args, message):
+    """run_cli (what `python -m lrsa_viz.<module>` runs): bad input -> `error: <message>` on stderr, status 2."""
+    import importlib
+
+    from lrsa_viz.cli import run_cli
+
+    root, files = qa_files
+    paths = {k: str(v) for k, v in files.items()} | {"missing": str(root / "missing.jsonl"), "tmp": str(tmp_path)}
+    args = [a.format(**paths) for a in args]
+    main = importlib.import_module(f"lrsa_viz.{module}").main
+    assert run_cli(main, args + ["--no-progress"] * (module != "qa_data")) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == message.format(**paths)
+    assert "Traceback" not in err
+    with pytest.raises((ValueError, FileNotFoundError)):
+        run_cli(main, args + ["--no-progress"] * (module != "qa_data") + ["--debug"])
 
 
 # --- answers longer than what LagKV keeps per partition: a warning ------------------------------------------------
