@@ -1,26 +1,38 @@
 """Benchmark fast LRSA against the fastest dense causal attention on one CUDA GPU; writes one JSON file.
 
-One command (from the repository root):
+One command (from the repository root; meant to take about 4 minutes on one H200 without the inference sections,
+most of it compilation: the JSON's section_wall_s says what each section took):
 
-    PYTHONPATH=. python3 benchmarks/bench_lrsa.py --out data/results/bench_lrsa_h200.json
+    PYTHONPATH=. python3 benchmarks/bench_lrsa.py --sections correctness,attention,variants,profile,training \
+        --out data/results/bench_lrsa_h200.json
 
-Sections (each timed side by side in the same process, bf16, SmolLM2-135M shapes: 9 query heads, 3 KV heads,
-head_dim 64):
-  correctness  fast LRSA vs the reference (dense-mask) path: selected indices, outputs and gradients;
+Tiny CPU smoke run of the same code paths (what the tests run, seconds): ``--smoke``.
+
+Sections (``--sections``; each timed side by side in the same process, bf16, SmolLM2-135M shapes: 9 query heads,
+3 KV heads, head_dim 64). The fast path runs with its defaults (kernel chosen by
+`lrsa_viz.fast.flex_kernel_backend`: FlashAttention-4 tiles where installed, else Triton; query blocks aligned
+with partitions); the JSON's "kernel" records what was chosen and why:
+  correctness  fast LRSA vs the reference (dense-mask) path, per kernel: selected indices, outputs and gradients;
+               a SmolLM2-shaped model's loss and logits, backend flex vs reference;
   attention    forward and forward+backward time: fast LRSA (ratio 0.25, 0.125), SDPA cuDNN, SDPA Flash, and the
-               FLOP-count bound (FLOPs / measured bf16 matmul rate), N = 8k .. 128k, batch = tokens // N;
+               FLOP-count bound (FLOPs / measured bf16 matmul rate), N = 8k .. 128k, batch = tokens // N; at
+               ratio 0.25 every available kernel side by side ("lrsa_kernels");
+  variants     at 8k (--variant-lens), per kernel: the default against query blocks not aligned with partitions and
+               against selection + layout + attention compiled as one region ("fused");
   profile      torch.profiler kernel breakdown of one fast-LRSA forward+backward at 8k and 32k;
-  training     a full SmolLM2-shaped training step (random init, AdamW): tokens/s and peak memory, dense SDPA
-               vs fast LRSA, at 8k and 32k;
+  profile_training  torch.profiler of one training step at 8k x 4, dense vs fast LRSA (GPU busy, host syncs);
+  training     a full SmolLM2-shaped training step (random init, AdamW): tokens/s, peak memory and host syncs per
+               step (CUDA sync debug mode), dense SDPA vs fast LRSA with each kernel, at 8k x 4, 16k x 2, 32k x 1;
   inference    prefill time, KV-cache bytes and decode tokens/s at batch 1 and 16: full cache (SDPA) vs the
                compressed LagKVCache (fast-LRSA prefill, decoding over the compressed cache).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
-import statistics
+import os
 import sys
 import time
 import traceback
@@ -33,8 +45,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from lrsa_viz import LagConfig, LagKVCache, disable_lrsa, enable_lrsa, environment_record
 from lrsa_viz.fast import compact_positions, compiled_compact_positions, fast_lrsa_attention
 from lrsa_viz.fast.cost import attention_flops, dense_causal_pairs, lrsa_tiles, lrsa_visible_pairs
-from lrsa_viz.fast.kernel import compiled_flex_attention
-from lrsa_viz.fast.layout import LrsaLayout, layout_kv, lrsa_block_mask
+from lrsa_viz.fast.kernel import KERNEL_ENV, compiled_flex_attention, flash_unavailable_reason, flex_kernel_backend, \
+    kernel_report
+from lrsa_viz.fast.layout import ALIGN_QUERIES, LrsaLayout, layout_kv, lrsa_block_mask, pad_queries
+from lrsa_viz.fast.timing import count_host_syncs, median_time
 from lrsa_viz.mask import visibility_from_keep
 from lrsa_viz.scoring import keep_mask, lagkv_keep_indices
 
@@ -42,52 +56,64 @@ HEADS_Q, HEADS_KV, HEAD_DIM = 9, 3, 64
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                num_attention_heads=9, num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0,
                tie_word_embeddings=True, max_position_embeddings=131072)
+#: --smoke: a 2-layer model of the same head layout on the CPU, float32
+SMOKE_MODEL = dict(SMOLLM2, vocab_size=256, hidden_size=144, intermediate_size=128, num_hidden_layers=2)
 #: Accepted error of bf16 fast LRSA against a float32 reference (relative L2 norm, ||x - ref|| / ||ref||): at most
 #: this, and at most ERROR_FACTOR x the error of the bf16 reference (dense-mask) path + ERROR_SLACK.
 REL_TOL, ERROR_FACTOR, ERROR_SLACK = 1e-2, 1.5, 1e-3
 DENSE = {"sdpa_cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa_flash": SDPBackend.FLASH_ATTENTION}
+#: Where and how the run happens: CUDA bf16 forward+backward; --smoke switches to CPU float32, forward only
+#: (PyTorch has no FlexAttention backward on the CPU).
+RUN = {"device": "cuda", "dtype": torch.bfloat16, "passes": ("fwd", "fwd_bwd"), "smoke": False}
+#: Timing of one measurement (`lrsa_viz.fast.timing.median_time`).
+REPS = dict(min_reps=3, max_reps=10, target_s=0.3)
 
 
 def log(*a):
     print(*a, flush=True)
 
 
-def cuda_time(fn, min_reps=3, max_reps=10, target_s=0.5, warmup=2) -> dict:
-    """Median wall time of ``fn()`` on the GPU (CUDA events), after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    t_start = time.perf_counter()
-    while True:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-        if len(times) >= max_reps or (len(times) >= min_reps and time.perf_counter() - t_start > target_s):
-            break
-    return {"median_s": statistics.median(times), "min_s": min(times), "reps": len(times)}
-
-
 def measured_matmul_rate() -> float:
-    """bf16 FLOP/s of an 8192^3 matrix product on random data (the ceiling for the FLOP-count bound)."""
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    t = cuda_time(lambda: a @ b, min_reps=10, max_reps=30, target_s=0.5)["median_s"]
-    return 2 * 8192 ** 3 / t
+    """FLOP/s of a square matrix product on random data (8192^3 bf16 on CUDA): the ceiling of the FLOP bound."""
+    size = 512 if RUN["smoke"] else 8192
+    a, b = (torch.randn(size, size, device=RUN["device"], dtype=RUN["dtype"]) for _ in range(2))
+    t = median_time(lambda: a @ b, min_reps=10, max_reps=30, target_s=0.5)["median_s"]
+    return 2 * size ** 3 / t
 
 
 def random_qkv(batch, n, requires_grad=True, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    mk = lambda h: torch.randn(batch, h, n, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)  # noqa: E731
+    g = torch.Generator(device=RUN["device"]).manual_seed(seed)
+    mk = lambda h: torch.randn(batch, h, n, HEAD_DIM, device=RUN["device"], dtype=RUN["dtype"], generator=g)  # noqa: E731
     q, k, v = mk(HEADS_Q), mk(HEADS_KV), mk(HEADS_KV)
-    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+    return [t.requires_grad_(requires_grad and "fwd_bwd" in RUN["passes"]) for t in (q, k, v)]
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def available_kernels() -> list[str]:
+    """The fast path's kernels that can run here: the default first (`flex_kernel_backend`), then the others."""
+    if RUN["device"] != "cuda":
+        return ["triton"]
+    default = flex_kernel_backend("cuda", RUN["dtype"], HEAD_DIM)
+    others = [k for k in ("flash", "triton") if k != default and (k == "triton" or flash_unavailable_reason() is None)]
+    return [default, *others]
+
+
+@contextlib.contextmanager
+def kernel_env(kernel: str | None):
+    """Run with LRSA_VIZ_FLEX_BACKEND = ``kernel`` (what `enable_lrsa` models read), restored after."""
+    previous = os.environ.get(KERNEL_ENV)
+    if kernel is not None:
+        os.environ[KERNEL_ENV] = kernel
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(KERNEL_ENV, None)
+        else:
+            os.environ[KERNEL_ENV] = previous
 
 
 # ----------------------------------------------------------------------------------------------------- correctness
@@ -102,53 +128,86 @@ def reference_attention(q, k, v, cfg, dtype):
         return F.scaled_dot_product_attention(qq, kk.repeat_interleave(g, 1), vv.repeat_interleave(g, 1), attn_mask=visible)
 
 
-def check_correctness(cfg: LagConfig, n=4096, batch=2) -> dict:
+def check_correctness(cfg: LagConfig, kernel: str, n=4096, batch=2) -> dict:
+    """Fast LRSA with ``kernel`` against the float32 reference and the bf16 reference, same inputs (forward only
+    in --smoke)."""
     q, k, v = random_qkv(batch, n, seed=1)
-    grad_out = torch.randn(batch, HEADS_Q, n, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    grad_out = torch.randn(batch, HEADS_Q, n, HEAD_DIM, device=RUN["device"], dtype=RUN["dtype"])
+    backward = "fwd_bwd" in RUN["passes"]
     with torch.no_grad():
-        fast_pos = compiled_compact_positions()(k, v, cfg)
+        select = compiled_compact_positions() if RUN["device"] == "cuda" else compact_positions
+        fast_pos = select(k, v, cfg)
         ref_pos = lagkv_keep_indices(k, v, cfg)[..., : fast_pos.shape[-1]]
     mismatched = int((fast_pos != ref_pos).sum())
 
     def run(fn):
         out = fn()
-        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+        grads = torch.autograd.grad(out, (q, k, v), grad_out) if backward else []
         return [out.detach(), *grads]
 
-    fast = run(lambda: fast_lrsa_attention(q, k, v, cfg))
-    # float32 reference from the same bf16 inputs (scores are float32 either way: same selections)
-    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    fast = run(lambda: fast_lrsa_attention(q, k, v, cfg, kernel=kernel))
+    # float32 reference from the same inputs (scores are float32 either way: same selections)
+    q32, k32, v32 = (t.detach().float().requires_grad_(backward) for t in (q, k, v))
     out32 = reference_attention(q32, k32, v32, cfg, torch.float32)
-    ref32 = [out32.detach(), *torch.autograd.grad(out32, (q32, k32, v32), grad_out.float())]
-    ref_bf16 = run(lambda: reference_attention(q, k, v, cfg, torch.bfloat16))
+    ref32 = [out32.detach(), *(torch.autograd.grad(out32, (q32, k32, v32), grad_out.float()) if backward else [])]
+    ref_low = run(lambda: reference_attention(q, k, v, cfg, RUN["dtype"]))
     names = ["out", "dq", "dk", "dv"]
-    result = {"n": n, "batch": batch, "ratio": cfg.ratio, "selected_positions": int(fast_pos.numel()),
+    result = {"n": n, "batch": batch, "ratio": cfg.ratio, "kernel": kernel, "selected_positions": int(fast_pos.numel()),
               "mismatched_positions": mismatched, "rel_err_fast_vs_fp32": {}, "rel_err_reference_bf16_vs_fp32": {}}
     ok = mismatched == 0
-    for name, f, r, b16 in zip(names, fast, ref32, ref_bf16):
+    for name, f, r, b16 in zip(names, fast, ref32, ref_low):
         ef, eb = rel_err(f, r), rel_err(b16, r)
         result["rel_err_fast_vs_fp32"][name] = ef
         result["rel_err_reference_bf16_vs_fp32"][name] = eb
         ok &= bool(math.isfinite(ef) and ef <= REL_TOL and ef <= ERROR_FACTOR * eb + ERROR_SLACK)
-    result["max_abs_out_fast_vs_reference_bf16"] = (fast[0].float() - ref_bf16[0].float()).abs().max().item()
+    result["max_abs_out_fast_vs_reference_bf16"] = (fast[0].float() - ref_low[0].float()).abs().max().item()
     result["passed"] = ok
+    log(f"  correctness r={cfg.ratio} {kernel}: passed={ok} mismatched={mismatched} "
+        f"fast {json.dumps({k2: round(v2, 5) for k2, v2 in result['rel_err_fast_vs_fp32'].items()})} "
+        f"ref-bf16 {json.dumps({k2: round(v2, 5) for k2, v2 in result['rel_err_reference_bf16_vs_fp32'].items()})}")
     return result
+
+
+def check_all(ratios, kernels, n) -> dict:
+    """Every kernel at the first ratio, the default kernel at the others; the model-level check per kernel.
+
+    A kernel that raises (e.g. does not compile here) is recorded under "kernel_errors" and removed from
+    ``kernels`` (in place) for the later sections, so one broken kernel does not void the run.
+    """
+    out, errors = {"attention": []}, {}
+    for kernel in list(kernels):
+        try:
+            out["attention"].append(check_correctness(LagConfig(16, 128, ratios[0]), kernel, n=n))
+            key = "model" if kernel == kernels[0] else "model_" + kernel
+            out[key] = model_level_check(LagConfig(16, 128, ratios[0]), kernel, n=min(n, 2048))
+        except Exception as e:
+            errors[kernel] = {"error": repr(e)[:1000], "traceback": traceback.format_exc()[-3000:]}
+            log(f"  kernel {kernel} failed: {traceback.format_exc()}")
+            kernels.remove(kernel)
+    if not kernels:
+        raise RuntimeError(f"no fast-LRSA kernel runs here: {errors}")
+    out["attention"] += [check_correctness(LagConfig(16, 128, r), kernels[0], n=n) for r in ratios[1:]]
+    if errors:
+        out["kernel_errors"] = errors
+        os.environ[KERNEL_ENV] = kernels[0]  # the rest of the run (models included) uses a kernel that works
+    return out
 
 
 # -------------------------------------------------------------------------------------------------------- attention
 def dense_fn(backend, q, k, v, gqa_native):
     g = HEADS_Q // HEADS_KV
     if not gqa_native:
-        k, v = (t.detach().repeat_interleave(g, 1).requires_grad_() for t in (k, v))
+        k, v = (t.detach().repeat_interleave(g, 1).requires_grad_(t.requires_grad) for t in (k, v))
 
     def fwd():
-        with sdpa_kernel(backend):
+        with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa_native)
 
     return fwd, (q, k, v)
 
 
 def time_fwd_bwd(fwd, inputs, grad_out) -> dict:
+    """{"fwd": median_time, "fwd_bwd": median_time} (forward only in --smoke)."""
     def fwd_only():
         with torch.no_grad():
             fwd()
@@ -157,7 +216,8 @@ def time_fwd_bwd(fwd, inputs, grad_out) -> dict:
         out = fwd()
         torch.autograd.grad(out, inputs, grad_out)
 
-    return {"fwd": cuda_time(fwd_only), "fwd_bwd": cuda_time(fwd_bwd)}
+    fns = {"fwd": fwd_only, "fwd_bwd": fwd_bwd}
+    return {p: median_time(fns[p], **REPS) for p in RUN["passes"]}
 
 
 def dense_variant(backend, q, k, v):
@@ -166,14 +226,26 @@ def dense_variant(backend, q, k, v):
         fwd, inputs = dense_fn(backend, q, k, v, native)
         try:
             out = fwd()
-            torch.autograd.grad(out, inputs, torch.ones_like(out))
+            if "fwd_bwd" in RUN["passes"]:
+                torch.autograd.grad(out, inputs, torch.ones_like(out))
             return fwd, inputs, native
         except RuntimeError:
             continue
     raise RuntimeError(f"SDPA backend {backend} unavailable for these shapes")
 
 
-def bench_attention(seq_lens, ratios, tokens, peak) -> list[dict]:
+def dense_backends() -> dict:
+    return DENSE if RUN["device"] == "cuda" else {"sdpa_default": None}
+
+
+def lrsa_timing(q, k, v, grad_out, cfg, fastest, **options) -> dict:
+    """Forward / forward+backward time of fast LRSA with ``options`` and its speed-up over the fastest dense."""
+    t = time_fwd_bwd(lambda: fast_lrsa_attention(q, k, v, cfg, **options), (q, k, v), grad_out)
+    t["speedup_vs_fastest_dense"] = {p: fastest[p] / t[p]["median_s"] for p in RUN["passes"]}
+    return t
+
+
+def bench_attention(seq_lens, ratios, tokens, peak, kernels) -> list[dict]:
     rows = []
     for n in seq_lens:
         batch = max(1, tokens // n)
@@ -181,52 +253,92 @@ def bench_attention(seq_lens, ratios, tokens, peak) -> list[dict]:
         grad_out = torch.randn_like(q)
         dense_flops_f = attention_flops(dense_causal_pairs(n), HEADS_Q, HEAD_DIM) * batch
         dense_flops_fb = attention_flops(dense_causal_pairs(n), HEADS_Q, HEAD_DIM, backward=True) * batch
-        row = {"n": n, "batch": batch, "dense": {}, "lrsa": {},
+        row = {"n": n, "batch": batch, "dense": {}, "lrsa": {}, "lrsa_kernels": {},
                "dense_bound_s": {"fwd": dense_flops_f / peak, "fwd_bwd": dense_flops_fb / peak}}
-        for name, backend in DENSE.items():
+        for name, backend in dense_backends().items():
             try:
                 fwd, inputs, native = dense_variant(backend, q, k, v)
                 t = time_fwd_bwd(fwd, inputs, grad_out)
                 t["gqa"] = "native" if native else "expanded K/V"
-                t["tflops"] = {"fwd": dense_flops_f / t["fwd"]["median_s"] / 1e12,
-                               "fwd_bwd": dense_flops_fb / t["fwd_bwd"]["median_s"] / 1e12}
+                t["tflops"] = {p: (dense_flops_f if p == "fwd" else dense_flops_fb) / t[p]["median_s"] / 1e12
+                               for p in RUN["passes"]}
                 row["dense"][name] = t
             except Exception as e:  # a backend missing on this build is reported, not fatal
                 row["dense"][name] = {"error": repr(e)[:300]}
             log(f"  n={n} {name}: {json.dumps({k2: v2 for k2, v2 in row['dense'][name].items() if k2 != 'tflops'})[:200]}")
+        fastest = {p: min(d[p]["median_s"] for d in row["dense"].values() if "error" not in d) for p in RUN["passes"]}
         for ratio in ratios:
             cfg = LagConfig(16, 128, ratio)
             pairs = lrsa_visible_pairs(n, cfg)
             ff = attention_flops(pairs, HEADS_Q, HEAD_DIM) * batch
             ffb = attention_flops(pairs, HEADS_Q, HEAD_DIM, backward=True) * batch
-            t = time_fwd_bwd(lambda: fast_lrsa_attention(q, k, v, cfg), (q, k, v), grad_out)
-            # components: selection alone; the FlexAttention call alone on prebuilt buffers
-            sel = cuda_time(lambda: compiled_compact_positions()(k.detach(), v.detach(), cfg))
-            layout = LrsaLayout.of(n, cfg)
-            bm = lrsa_block_mask(layout, q.device)
-            with torch.no_grad():
-                pos = compiled_compact_positions()(k, v, cfg)
-            kb, vb = (x.detach().requires_grad_() for x in layout_kv(k.detach(), v.detach(), pos, layout))
-            flex = lambda: compiled_flex_attention()(q, kb, vb, block_mask=bm, enable_gqa=True)  # noqa: E731
-            t_flex = time_fwd_bwd(flex, (q, kb, vb), grad_out)
-            fastest = {p: min(d[p]["median_s"] for d in row["dense"].values() if "error" not in d)
-                       for p in ("fwd", "fwd_bwd")}
-            row["lrsa"][str(ratio)] = {
-                **t, "selection_s": sel["median_s"], "flex_only": t_flex, "visible_pairs_per_head": pairs,
-                "tiles": lrsa_tiles(n, cfg), "bound_s": {"fwd": ff / peak, "fwd_bwd": ffb / peak},
-                "tflops_useful": {"fwd": ff / t["fwd"]["median_s"] / 1e12, "fwd_bwd": ffb / t["fwd_bwd"]["median_s"] / 1e12},
-                "speedup_vs_fastest_dense": {p: fastest[p] / t[p]["median_s"] for p in ("fwd", "fwd_bwd")},
-            }
-            log(f"  n={n} lrsa r={ratio}: fwd {t['fwd']['median_s'] * 1e3:.2f} ms, fwd+bwd {t['fwd_bwd']['median_s'] * 1e3:.2f} ms, "
-                f"speedup fwd+bwd {row['lrsa'][str(ratio)]['speedup_vs_fastest_dense']['fwd_bwd']:.2f}x "
-                f"(flex only {t_flex['fwd_bwd']['median_s'] * 1e3:.2f} ms, selection {sel['median_s'] * 1e3:.2f} ms)")
+            t = lrsa_timing(q, k, v, grad_out, cfg, fastest, kernel=kernels[0])
+            entry = {**t, "kernel": kernels[0], "align_queries": ALIGN_QUERIES, "visible_pairs_per_head": pairs,
+                     "tiles": lrsa_tiles(n, cfg), "bound_s": {"fwd": ff / peak, "fwd_bwd": ffb / peak},
+                     "tflops_useful": {p: (ff if p == "fwd" else ffb) / t[p]["median_s"] / 1e12 for p in RUN["passes"]}}
+            if ratio == ratios[0]:  # components: selection alone; the FlexAttention call alone on prebuilt buffers
+                entry.update(attention_components(q, k, v, grad_out, cfg, kernels[0]))
+                row["lrsa_kernels"][kernels[0]] = t
+                for other in kernels[1:]:
+                    row["lrsa_kernels"][other] = lrsa_timing(q, k, v, grad_out, cfg, fastest, kernel=other)
+            row["lrsa"][str(ratio)] = entry
+            log(f"  n={n} lrsa r={ratio} {kernels[0]}: " + ", ".join(
+                f"{p} {t[p]['median_s'] * 1e3:.2f} ms ({t['speedup_vs_fastest_dense'][p]:.2f}x)" for p in RUN["passes"])
+                + "".join(f" | {kk}: {p} {v2['speedup_vs_fastest_dense'][p]:.2f}x" for kk, v2 in row["lrsa_kernels"].items()
+                          if kk != kernels[0] and ratio == ratios[0] for p in RUN["passes"]))
         rows.append(row)
         del q, k, v, grad_out
-        torch.cuda.empty_cache()
+        empty_cache()
     return rows
 
 
-def profile_fast(n, tokens, cfg) -> dict:
+def attention_components(q, k, v, grad_out, cfg, kernel) -> dict:
+    """Selection alone, and the FlexAttention call alone on prebuilt (query, key, value) buffers."""
+    n = q.shape[2]
+    layout = LrsaLayout.of(n, cfg, align_queries=ALIGN_QUERIES)
+    bm = lrsa_block_mask(layout, q.device)
+    select = compiled_compact_positions() if RUN["device"] == "cuda" else None
+    if select is None:
+        return {}
+    sel = median_time(lambda: select(k.detach(), v.detach(), cfg), **REPS)
+    with torch.no_grad():
+        pos = select(k, v, cfg)
+    kb, vb = (x.detach().requires_grad_() for x in layout_kv(k.detach(), v.detach(), pos, layout))
+    qb = pad_queries(q.detach(), layout).requires_grad_()
+    options = {"BACKEND": "FLASH"} if kernel == "flash" else None
+    flex = lambda: compiled_flex_attention()(qb, kb, vb, block_mask=bm, scale=None, enable_gqa=True,  # noqa: E731
+                                             kernel_options=options)
+    return {"selection_s": sel["median_s"], "flex_only": time_fwd_bwd(flex, (qb, kb, vb), pad_queries(grad_out, layout))}
+
+
+def bench_variants(seq_lens, tokens, cfg, kernels) -> list[dict]:
+    """Forward / forward+backward per kernel: the default options against query blocks not aligned with the
+    partitions ("unaligned") and against selection + layout + attention compiled as one region ("fused")."""
+    rows = []
+    variants = {"default": {}, "unaligned": {"align_queries": False}, "fused": {"fused": True}}
+    for n in seq_lens:
+        batch = max(1, tokens // n)
+        q, k, v = random_qkv(batch, n)
+        grad_out = torch.randn_like(q)
+        row = {"n": n, "batch": batch, "tiles": {"aligned": lrsa_tiles(n, cfg, align_queries=True),
+                                                 "unaligned": lrsa_tiles(n, cfg, align_queries=False)}}
+        for kernel in kernels:
+            row[kernel] = {}
+            for name, opts in variants.items():
+                try:
+                    t = time_fwd_bwd(lambda: fast_lrsa_attention(q, k, v, cfg, kernel=kernel, **opts), (q, k, v),
+                                     grad_out)
+                    row[kernel][name] = {p: t[p]["median_s"] for p in RUN["passes"]}
+                except Exception as e:  # a variant that does not compile here is reported, not fatal
+                    row[kernel][name] = {"error": repr(e)[:500]}
+            log(f"  variants n={n} {kernel}: {json.dumps(row[kernel])[:300]}")
+        rows.append(row)
+        del q, k, v, grad_out
+        empty_cache()
+    return rows
+
+
+def profile_fast(n, tokens, cfg, kernel) -> dict:
     """Top CUDA kernels of one fast-LRSA forward+backward (after warm-up), with their share of device time."""
     from torch.profiler import ProfilerActivity, profile
     batch = max(1, tokens // n)
@@ -234,7 +346,7 @@ def profile_fast(n, tokens, cfg) -> dict:
     grad_out = torch.randn_like(q)
 
     def step():
-        torch.autograd.grad(fast_lrsa_attention(q, k, v, cfg), (q, k, v), grad_out)
+        torch.autograd.grad(fast_lrsa_attention(q, k, v, cfg, kernel=kernel), (q, k, v), grad_out)
 
     for _ in range(2):
         step()
@@ -245,33 +357,15 @@ def profile_fast(n, tokens, cfg) -> dict:
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
     total = sum(e.device_time_total for e in events)
     top = sorted(events, key=lambda e: -e.device_time_total)[:12]
-    return {"n": n, "batch": batch, "ratio": cfg.ratio, "total_device_ms": total / 1e3,
+    return {"n": n, "batch": batch, "ratio": cfg.ratio, "kernel": kernel,
+            "total_device_ms": total / 1e3,
             "kernels": [{"name": e.key[:120], "ms": e.device_time_total / 1e3, "share": e.device_time_total / total,
                          "calls": e.count} for e in top]}
 
 
-def bench_variants(seq_lens, tokens, cfg) -> list[dict]:
-    """FlexAttention call alone (prebuilt buffers), forward+backward: compiled with dynamic shapes (one kernel for
-    every N) against static shapes (the library's choice: one compilation per N)."""
-    from torch.nn.attention.flex_attention import flex_attention
-    dynamic = torch.compile(flex_attention, dynamic=True)
-    rows = []
-    for n in seq_lens:
-        batch = max(1, tokens // n)
-        q, k, v = random_qkv(batch, n)
-        grad_out = torch.randn_like(q)
-        layout = LrsaLayout.of(n, cfg)
-        bm = lrsa_block_mask(layout, q.device)
-        with torch.no_grad():
-            pos = compiled_compact_positions()(k, v, cfg)
-        kb, vb = (x.detach().requires_grad_() for x in layout_kv(k.detach(), v.detach(), pos, layout))
-        row = {"n": n, "batch": batch}
-        for name, fn in (("dynamic", dynamic), ("static", compiled_flex_attention())):
-            t = time_fwd_bwd(lambda: fn(q, kb, vb, block_mask=bm, enable_gqa=True), (q, kb, vb), grad_out)
-            row[name] = {p: t[p]["median_s"] for p in ("fwd", "fwd_bwd")}
-        log(f"  variants n={n}: {row}")
-        rows.append(row)
-    return rows
+def empty_cache():
+    if RUN["device"] == "cuda":
+        torch.cuda.empty_cache()
 
 
 def profile_summary(prof, wall_s: float, steps: int) -> dict:
@@ -302,8 +396,8 @@ def profiled(fn, steps: int) -> dict:
     return profile_summary(prof, wall, steps)
 
 
-def profile_training(n, batch, cfg) -> dict:
-    """torch.profiler of one training step, dense SDPA vs fast LRSA: where the step's time goes."""
+def profile_training(n, batch, cfg, kernel) -> dict:
+    """torch.profiler of one training step, dense SDPA vs fast LRSA (``kernel``): where the step's time goes."""
     model = smollm2_model().train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     ids = torch.randint(0, SMOLLM2["vocab_size"], (batch, n), device="cuda")
@@ -313,12 +407,13 @@ def profile_training(n, batch, cfg) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    out = {"n": n, "batch": batch}
+    out = {"n": n, "batch": batch, "kernel": kernel}
     for mode in ("dense_sdpa", "fast_lrsa"):
         enable_lrsa(model, cfg, backend="flex") if mode == "fast_lrsa" else disable_lrsa(model)
-        for _ in range(2):
-            step()
-        out[mode] = profiled(step, 1)
+        with kernel_env(kernel):
+            for _ in range(2):
+                step()
+            out[mode] = profiled(step, 1)
         log(f"  profile train n={n} {mode}: wall {out[mode]['wall_s_per_step']:.3f} s, busy {out[mode]['gpu_busy_fraction']:.2f}, syncs {out[mode]['host_syncs_per_step']}")
     disable_lrsa(model)
     return out
@@ -354,24 +449,36 @@ def profile_decode(prompt_len, batch, cfg, steps=16) -> dict:
 
 # --------------------------------------------------------------------------------------------------------- training
 def smollm2_model():
+    """SmolLM2-135M shapes, random init, bf16 on CUDA (--smoke: a 2-layer float32 model of the same heads on CPU)."""
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
-    config = LlamaConfig(**SMOLLM2, attn_implementation="sdpa")
-    return LlamaForCausalLM(config).to(device="cuda", dtype=torch.bfloat16)
+    config = LlamaConfig(**(SMOKE_MODEL if RUN["smoke"] else SMOLLM2), attn_implementation="sdpa")
+    return LlamaForCausalLM(config).to(device=RUN["device"], dtype=RUN["dtype"])
 
 
-def bench_training(cases, cfg, steps=5) -> list[dict]:
+def training_modes(kernels) -> dict:
+    """mode name -> LRSA backend/kernel: dense SDPA, then fast LRSA with each kernel ("fast_lrsa" = the default
+    kernel, "fast_lrsa_<kernel>" the others). --smoke (CPU, no FlexAttention backward): the reference backend."""
+    if RUN["device"] != "cuda":
+        return {"dense_sdpa": None, "lrsa_reference": "reference"}
+    return {"dense_sdpa": None, **{"fast_lrsa" if i == 0 else f"fast_lrsa_{k}": k for i, k in enumerate(kernels)}}
+
+
+def bench_training(cases, cfg, kernels, steps=3) -> list[dict]:
+    """Full training step (forward, loss, backward, fused AdamW) per case and mode: median step time, tokens/s,
+    peak memory (since a reset after warm-up), host syncs of one step (CUDA sync debug mode, after warm-up)."""
     model = smollm2_model().train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=RUN["device"] == "cuda")
+    modes = training_modes(kernels)
     rows = []
     for n, batch in cases:
-        ids = torch.randint(0, SMOLLM2["vocab_size"], (batch, n), device="cuda")
-        row = {"n": n, "batch": batch}
-        for mode in ("dense_sdpa", "fast_lrsa"):
-            if mode == "fast_lrsa":
-                enable_lrsa(model, cfg, backend="flex")
-            else:
+        ids = torch.randint(0, model.config.vocab_size, (batch, n), device=RUN["device"])
+        row = {"n": n, "batch": batch, "kernel": kernels[0]}
+        for mode, backend in modes.items():
+            if backend is None:
                 disable_lrsa(model)
+            else:
+                enable_lrsa(model, cfg, backend="reference" if backend == "reference" else "flex")
 
             def step():
                 loss = model(input_ids=ids, labels=ids, use_cache=False).loss
@@ -381,41 +488,50 @@ def bench_training(cases, cfg, steps=5) -> list[dict]:
                 return loss
 
             try:
-                for _ in range(2):
-                    loss = step()
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                t = cuda_time(step, min_reps=steps, max_reps=steps, warmup=0)
-                peak = torch.cuda.max_memory_allocated()
+                with kernel_env(backend if backend not in (None, "reference") else None):
+                    for _ in range(2):
+                        loss = step()
+                    syncs = count_host_syncs(step)
+                    if RUN["device"] == "cuda":
+                        torch.cuda.synchronize()
+                        torch.cuda.reset_peak_memory_stats()
+                    t = median_time(step, min_reps=steps, max_reps=steps, warmup=0)
+                    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if RUN["device"] == "cuda" else None
                 row[mode] = {"step_s": t["median_s"], "tokens_per_s": batch * n / t["median_s"],
-                             "peak_memory_gib": peak / 2 ** 30, "loss": float(loss)}
+                             "peak_memory_gib": peak, "host_syncs_per_step": syncs, "loss": float(loss.detach())}
             except torch.OutOfMemoryError as e:
                 row[mode] = {"error": "out of memory: " + str(e)[:200]}
             opt.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
+            empty_cache()
             log(f"  train n={n} b={batch} {mode}: {row[mode]}")
         disable_lrsa(model)
-        if "error" not in row["dense_sdpa"] and "error" not in row["fast_lrsa"]:
-            row["speedup"] = row["dense_sdpa"]["step_s"] / row["fast_lrsa"]["step_s"]
-            row["peak_memory_ratio"] = row["fast_lrsa"]["peak_memory_gib"] / row["dense_sdpa"]["peak_memory_gib"]
+        dense = row["dense_sdpa"]
+        for mode in list(modes)[1:]:
+            suffix = "" if mode in ("fast_lrsa", "lrsa_reference") else "_" + mode.removeprefix("fast_lrsa_")
+            if "error" not in dense and "error" not in row[mode]:
+                row["speedup" + suffix] = dense["step_s"] / row[mode]["step_s"]
+                if dense["peak_memory_gib"]:
+                    row["peak_memory_ratio" + suffix] = row[mode]["peak_memory_gib"] / dense["peak_memory_gib"]
         rows.append(row)
     return rows
 
 
-def model_level_check(cfg, n=2048, batch=2) -> dict:
-    """SmolLM2-shaped model, bf16, no grad: loss with backend='flex' vs backend='reference'."""
+def model_level_check(cfg, kernel, n=2048, batch=2) -> dict:
+    """SmolLM2-shaped model, no grad: loss and logits with backend='flex' (``kernel``) vs backend='reference'."""
     model = smollm2_model().eval()
-    ids = torch.randint(0, SMOLLM2["vocab_size"], (batch, n), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+    ids = torch.randint(0, model.config.vocab_size, (batch, n), device=RUN["device"],
+                        generator=torch.Generator(RUN["device"]).manual_seed(3))
     out = {}
-    with torch.no_grad():
+    with torch.no_grad(), kernel_env(kernel):
         for backend in ("reference", "flex"):
             enable_lrsa(model, cfg, backend=backend)
             out[backend] = model(input_ids=ids, labels=ids, use_cache=False)
         disable_lrsa(model)
         dense = model(input_ids=ids, labels=ids, use_cache=False)
     lf, lr = out["flex"].logits.float(), out["reference"].logits.float()
-    return {"n": n, "batch": batch, "loss_reference": float(out["reference"].loss), "loss_flex": float(out["flex"].loss),
-            "loss_dense": float(dense.loss), "logits_rel_err_flex_vs_reference": rel_err(lf, lr),
+    return {"n": n, "batch": batch, "kernel": kernel, "loss_reference": float(out["reference"].loss),
+            "loss_flex": float(out["flex"].loss), "loss_dense": float(dense.loss),
+            "logits_rel_err_flex_vs_reference": rel_err(lf, lr),
             "logits_rel_diff_dense_vs_reference": rel_err(dense.logits.float(), lr)}
 
 
@@ -487,18 +603,37 @@ def git_commit() -> str | None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="data/results/bench_lrsa.json")
-    ap.add_argument("--seq-lens", default="8192,16384,32768,65536,131072")
+    ap.add_argument("--smoke", action="store_true", help="tiny CPU run of the same code paths (float32, forward-only "
+                                                         "attention, reference-backend training); for tests")
+    ap.add_argument("--seq-lens", default=None, help="attention N (default 8192,...,131072; --smoke: 512)")
     ap.add_argument("--ratios", default="0.25,0.125")
-    ap.add_argument("--tokens", type=int, default=262144, help="tokens per attention batch: batch = tokens // N")
-    ap.add_argument("--sections", default="correctness,attention,profile,training,inference,profile_training,"
-                                          "profile_decode")
-    ap.add_argument("--train-cases", default="8192x4,32768x1", help="NxBATCH of the training-step cases")
+    ap.add_argument("--tokens", type=int, default=None,
+                    help="tokens per attention batch: batch = tokens // N (default 131072; --smoke: 1024)")
+    ap.add_argument("--sections", default=None,
+                    help="comma-separated (default: correctness,attention,variants,profile,profile_training,training,"
+                         "inference,profile_decode; --smoke: correctness,attention,variants,training)")
+    ap.add_argument("--train-cases", default=None, help="NxBATCH of the training-step cases "
+                                                        "(default 8192x4,16384x2,32768x1; --smoke: 512x1)")
+    ap.add_argument("--variant-lens", default=None, help="N of the variants section (default 8192)")
+    ap.add_argument("--check-n", type=int, default=None, help="N of the correctness checks (default 4096)")
     ap.add_argument("--prompt-len", type=int, default=16384)
     ap.add_argument("--decode-batches", default="1,16")
     ap.add_argument("--new-tokens", type=int, default=128)
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_lrsa needs a CUDA GPU", file=sys.stderr)
+    smoke = args.smoke
+    defaults = {"seq_lens": ("8192,16384,32768,65536,131072", "512"), "tokens": (131072, 1024),
+                "sections": ("correctness,attention,variants,profile,profile_training,training,inference,profile_decode",
+                             "correctness,attention,variants,training"),
+                "train_cases": ("8192x4,16384x2,32768x1", "512x1"), "variant_lens": ("8192", "512"),
+                "check_n": (4096, 512)}
+    for name, (gpu, cpu) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, cpu if smoke else gpu)
+    if smoke:
+        RUN.update(device="cpu", dtype=torch.float32, passes=("fwd",), smoke=True)
+        REPS.update(min_reps=1, max_reps=2, target_s=0.0)
+    elif not torch.cuda.is_available():
+        print("bench_lrsa needs a CUDA GPU (or --smoke for a CPU check of the code paths)", file=sys.stderr)
         return 2
     import torch._dynamo as dynamo
     for name, value in (("recompile_limit", 64), ("cache_size_limit", 64), ("accumulated_recompile_limit", 512)):
@@ -507,9 +642,18 @@ def main(argv=None) -> int:
     t_begin = time.perf_counter()
     ratios = [float(r) for r in args.ratios.split(",")]
     sections = args.sections.split(",")
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        print(f"--sections: unknown {unknown}; accepted: {', '.join(SECTIONS)}", file=sys.stderr)
+        return 2
+    kernels = available_kernels()
     result = {"command": "PYTHONPATH=. python3 " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-              "environment": environment_record(), "gpu": torch.cuda.get_device_name(0), "git_commit": git_commit(),
-              "shapes": {"heads_q": HEADS_Q, "heads_kv": HEADS_KV, "head_dim": HEAD_DIM, "dtype": "bfloat16"},
+              "environment": environment_record(), "git_commit": git_commit(),
+              "gpu": torch.cuda.get_device_name(0) if RUN["device"] == "cuda" else "cpu (--smoke)",
+              "kernel": kernel_report(RUN["device"]), "kernels_compared": kernels,
+              "fast_options": {"align_queries": ALIGN_QUERIES, "fused": False},
+              "shapes": {"heads_q": HEADS_Q, "heads_kv": HEADS_KV, "head_dim": HEAD_DIM,
+                         "dtype": str(RUN["dtype"]).removeprefix("torch.")},
               "lag_config": {"sink_size": 16, "lag_size": 128, "ratios": ratios},
               "tolerance": {"rule": "relative L2 error vs float32 reference <= rel_tol and <= factor * (bf16 reference "
                                     "path error) + slack", "rel_tol": REL_TOL, "factor": ERROR_FACTOR, "slack": ERROR_SLACK}}
@@ -522,17 +666,19 @@ def main(argv=None) -> int:
 
     peak = measured_matmul_rate()
     result["matmul_bf16_tflops"] = peak / 1e12
-    log(f"GPU {result['gpu']}, torch {torch.__version__}, bf16 matmul {peak / 1e12:.0f} TFLOP/s")
+    log(f"{result['gpu']}, torch {torch.__version__}, matmul {peak / 1e12:.0f} TFLOP/s, kernels {kernels} "
+        f"({result['kernel']})")
+    first = LagConfig(16, 128, ratios[0])
     steps = {
-        "correctness": lambda: {"attention": [check_correctness(LagConfig(16, 128, r)) for r in ratios],
-                                "model": model_level_check(LagConfig(16, 128, ratios[0]))},
-        "attention": lambda: bench_attention([int(s) for s in args.seq_lens.split(",")], ratios, args.tokens, peak),
-        "variants": lambda: bench_variants([8192, 32768], args.tokens, LagConfig(16, 128, ratios[0])),
-        "profile": lambda: [profile_fast(n, args.tokens, LagConfig(16, 128, ratios[0])) for n in (8192, 32768)],
-        "profile_training": lambda: profile_training(8192, 4, LagConfig(16, 128, ratios[0])),
+        "correctness": lambda: check_all(ratios, kernels, args.check_n),
+        "attention": lambda: bench_attention([int(s) for s in args.seq_lens.split(",")], ratios, args.tokens, peak,
+                                             kernels),
+        "variants": lambda: bench_variants([int(s) for s in args.variant_lens.split(",")], args.tokens, first, kernels),
+        "profile": lambda: [profile_fast(n, args.tokens, first, kernels[0]) for n in (8192, 32768)],
+        "profile_training": lambda: profile_training(8192, 4, first, kernels[0]),
         "profile_decode": lambda: profile_decode(args.prompt_len, 16, LagConfig(16, 128, ratios[0])),
         "training": lambda: bench_training([tuple(int(x) for x in c.split("x")) for c in args.train_cases.split(",")],
-                                           LagConfig(16, 128, ratios[0])),
+                                           first, kernels),
         "inference": lambda: bench_inference(args.prompt_len, [int(b) for b in args.decode_batches.split(",")],
                                              LagConfig(16, 128, ratios[0]), args.new_tokens),
     }
@@ -546,26 +692,35 @@ def main(argv=None) -> int:
             log(traceback.format_exc())
         result.setdefault("section_wall_s", {})[name] = time.perf_counter() - t0
         save()
-        torch.cuda.empty_cache()
+        empty_cache()
     summarize(result)
     return 0
 
 
+SECTIONS = ("correctness", "attention", "variants", "profile", "profile_training", "training", "inference",
+            "profile_decode")
+
+
 def summarize(result: dict) -> None:
     log("\n==== summary")
-    for c in result.get("correctness", {}).get("attention", []) if isinstance(result.get("correctness"), dict) else []:
-        log(f"correct r={c['ratio']}: passed={c['passed']} mismatched={c['mismatched_positions']} "
+    correctness = result.get("correctness") if isinstance(result.get("correctness"), dict) else {}
+    for c in correctness.get("attention", []):
+        log(f"correct r={c['ratio']} {c['kernel']}: passed={c['passed']} mismatched={c['mismatched_positions']} "
             f"fast err {json.dumps({k: round(v, 5) for k, v in c['rel_err_fast_vs_fp32'].items()})} "
             f"ref-bf16 err {json.dumps({k: round(v, 5) for k, v in c['rel_err_reference_bf16_vs_fp32'].items()})}")
-    if isinstance(result.get("correctness"), dict) and "model" in result["correctness"]:
-        log(f"model check: {result['correctness']['model']}")
+    for key in correctness:
+        if key.startswith("model"):
+            log(f"{key} check: {correctness[key]}")
+    ms = lambda t: "/".join(f"{t[p]['median_s'] * 1e3:.2f}" for p in RUN["passes"]) + "ms"  # noqa: E731
     for row in result.get("attention", []) if isinstance(result.get("attention"), list) else []:
-        dense = " ".join(f"{k}={v['fwd']['median_s'] * 1e3:.2f}/{v['fwd_bwd']['median_s'] * 1e3:.2f}ms"
-                         for k, v in row["dense"].items() if "error" not in v)
-        lr = " ".join(f"r{r}={v['fwd']['median_s'] * 1e3:.2f}/{v['fwd_bwd']['median_s'] * 1e3:.2f}ms "
-                      f"({v['speedup_vs_fastest_dense']['fwd']:.2f}x/{v['speedup_vs_fastest_dense']['fwd_bwd']:.2f}x)"
-                      for r, v in row["lrsa"].items())
-        log(f"N={row['n']} B={row['batch']}: {dense} | {lr}")
+        dense = " ".join(f"{k}={ms(v)}" for k, v in row["dense"].items() if "error" not in v)
+        lr = " ".join(f"r{r}={ms(v)} (" + "/".join(f"{v['speedup_vs_fastest_dense'][p]:.2f}x" for p in RUN["passes"])
+                      + ")" for r, v in row["lrsa"].items())
+        kernels = " ".join(f"{k}: " + "/".join(f"{v['speedup_vs_fastest_dense'][p]:.2f}x" for p in RUN["passes"])
+                           for k, v in row.get("lrsa_kernels", {}).items())
+        log(f"N={row['n']} B={row['batch']}: {dense} | {lr} | r={result['lag_config']['ratios'][0]} by kernel {kernels}")
+    for row in result.get("variants", []) if isinstance(result.get("variants"), list) else []:
+        log(f"variants {row}")
     for row in result.get("training", []) if isinstance(result.get("training"), list) else []:
         log(f"train {row}")
     for row in result.get("inference", []) if isinstance(result.get("inference"), list) else []:
