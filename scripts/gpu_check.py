@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("results", nargs="?", default="data/results", help="directory for gpu_check.json / .log")
     parser.add_argument("--parts", nargs="+", help="subset: 'units' and/or notebook paths (default: all)")
     parser.add_argument("--workdir", default="/tmp/lrsa_viz_gpu_check")
+    parser.add_argument("--jobs-per-gpu", type=int, default=1,
+                        help="parts run at once on each GPU (notebooks are mostly host-bound: 4 fit an H200 and its "
+                             "16 cores; wall times then include the sharing)")
     args = parser.parse_args(argv)
     import torch
 
@@ -88,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     parts = args.parts or ["units"] + sorted(str(p.relative_to(ROOT)) for p in (ROOT / "notebooks").glob("*.ipynb"))
     parts.sort(key=lambda p: -EXPECTED_MIN.get(p, 3))
-    gpus = list(range(torch.cuda.device_count()))
-    workers = max(1, min(8, (os.cpu_count() or 2) // (2 * len(gpus))))
+    slots = [g for g in range(torch.cuda.device_count()) for _ in range(max(1, args.jobs_per_gpu))]
+    workers = max(1, min(8, (os.cpu_count() or 2) // (2 * len(slots))))
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     todo: queue.Queue[str] = queue.Queue()
@@ -110,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[gpu {gpu}] {part}: {'PASS' if result['passed'] else 'FAIL'} in {result['wall_s']} s", flush=True)
 
     start = time.time()
-    threads = [threading.Thread(target=worker, args=(g,)) for g in gpus]
+    threads = [threading.Thread(target=worker, args=(g,)) for g in slots]
     for t in threads:
         t.start()
     for t in threads:
@@ -124,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         "gpus": gpu_names(), "torch": torch.__version__, "cuda": torch.version.cuda,
         "transformers": transformers.__version__, "python": sys.version.split()[0],
         "all_passed": all(r["passed"] for r in results), "wall_s": round(time.time() - start, 1),
+        "jobs_per_gpu": max(1, args.jobs_per_gpu),
         "parts": [{k: v for k, v in r.items() if k != "output_tail"} for r in results],
     }
     out = Path(args.results)
