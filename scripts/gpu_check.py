@@ -113,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[gpu {gpu}] {part}: {'PASS' if result['passed'] else 'FAIL'} in {result['wall_s']} s", flush=True)
 
     start = time.time()
+    # convert the default model once before parts run side by side (each would otherwise convert it at the same time)
+    subprocess.run([sys.executable, "-c", "from lrsa_viz import load_model; load_model(device='cpu')"], cwd=ROOT,
+                   env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))},
+                   check=True)
     threads = [threading.Thread(target=worker, args=(g,)) for g in slots]
     for t in threads:
         t.start()
