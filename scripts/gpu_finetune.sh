@@ -5,7 +5,10 @@
 #
 # 1. generates the training split (TRAIN_N examples of 2048-token documents, seed 0, same generator as data/qa/);
 # 2. fine-tunes SmolLM2-135M-Instruct twice with the same data order, optimiser, schedule and seed: full attention,
-#    then LRSA (sink 16, lag 128, ratio 0.25; bf16 autocast, SDPA / LRSA attention, never eager);
+#    then LRSA (sink 16, lag 128, ratio 0.25; bf16 autocast, SDPA / LRSA attention, never eager). LRSA trains with
+#    the fast path on CUDA (LRSA_BACKEND=auto: compact layout + FlexAttention; its kernel is FlashAttention-4 where
+#    `pip install lrsa-viz[fa4]` is installed, else Triton; LRSA_VIZ_FLEX_BACKEND=flash|triton forces one; the log
+#    prints the choice). LRSA_BACKEND=reference trains with the dense-mask reference path instead;
 # 3. evaluates the base model and both fine-tunes on the held-out data/qa/test.jsonl (200 examples) under full KV,
 #    LagKV chunk-by-chunk prefill (the LRSA pattern), LagKV one-shot compression of the document, StreamingLLM and
 #    random selection, at ratios 0.5 / 0.25 / 0.125 (39 rows).
@@ -35,7 +38,7 @@ EVAL_EVERY=${EVAL_EVERY:-50}
 SINK=${SINK:-16}
 LAG=${LAG:-128}
 TRAIN_RATIO=${TRAIN_RATIO:-0.25}
-LRSA_BACKEND=${LRSA_BACKEND:-reference}
+LRSA_BACKEND=${LRSA_BACKEND:-auto}      # auto = flex (fast path) on CUDA, reference on CPU
 EVAL_BATCH=${EVAL_BATCH:-100}
 CONTEXT=${CONTEXT:-2048}
 WORKERS=${WORKERS:-$(nproc)}
@@ -55,9 +58,10 @@ t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
 
 EXPERIMENT="TRAIN_N=$TRAIN_N STEPS=$STEPS BATCH=$BATCH MICRO=$MICRO LR=$LR WARMUP=$WARMUP SINK=$SINK LAG=$LAG \
-TRAIN_RATIO=$TRAIN_RATIO LRSA_BACKEND=$LRSA_BACKEND EVAL_BATCH=$EVAL_BATCH CONTEXT=$CONTEXT SEED=$SEED MODEL=$MODEL \
+TRAIN_RATIO=$TRAIN_RATIO LRSA_BACKEND=$LRSA_BACKEND LRSA_VIZ_FLEX_BACKEND=${LRSA_VIZ_FLEX_BACKEND:-auto} EVAL_BATCH=$EVAL_BATCH CONTEXT=$CONTEXT SEED=$SEED MODEL=$MODEL \
 DEV_DATA=$DEV_DATA TEST_DATA=$TEST_DATA TEST_LIMIT=$TEST_LIMIT bash scripts/gpu_finetune.sh $RESULTS"
 stamp "experiment: $EXPERIMENT"
+stamp "fast LRSA kernel: $($PY -c 'import json; from lrsa_viz.fast import kernel_report; print(json.dumps(kernel_report()))')"
 stamp "1/3 training data: $TRAIN_N examples of $CONTEXT tokens"
 TOKENIZERS_PARALLELISM=false $PY -m lrsa_viz.qa_data --out "$WORK/qa" --train "$TRAIN_N" --dev 0 --test 0 --context-tokens "$CONTEXT" \
     --n-facts 6 --seed "$SEED" --workers "$WORKERS"
