@@ -62,6 +62,12 @@ class TrainConfig:
             step, for time-limited sessions and resume tests; the schedule still spans ``steps``.
         precision: "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" or "fp32".
         max_train_examples: read at most this many training examples (None: all).
+        group_by_length: draw every global batch from one length bucket (examples' ``context_tokens``, else their
+            token count in steps of 1024), so a mixture of 4k and 8k documents is not padded to 8k.
+        micro_batch_tokens: if set, a micro-batch holds at most this many tokens (at least one example), e.g.
+            32768 = 4 examples of 8k or 8 of 4k; overrides micro_batch_size.
+        max_seconds: stop (with a checkpoint, resumable) once this run has trained this long in this call, for
+            time-limited sessions; the schedule still spans ``steps``.
         train_split, dev_split: split names when the data is a DatasetDict directory (ignored for JSONL).
         lrsa_backend: passed to `enable_lrsa` ("auto", "reference": dense mask, "flex").
     """
@@ -86,6 +92,9 @@ class TrainConfig:
     stop_after: int | None = None
     precision: str = "auto"
     max_train_examples: int | None = None
+    group_by_length: bool = False
+    micro_batch_tokens: int | None = None
+    max_seconds: float | None = None
     train_split: str = "train"
     dev_split: str = "validation"
     lrsa_backend: str = "auto"
@@ -101,6 +110,12 @@ class TrainConfig:
         mb = self.micro_batch_size
         if mb is not None and (isinstance(mb, bool) or not isinstance(mb, int) or not 1 <= mb <= self.batch_size):
             raise ValueError(f"micro_batch_size must be an integer in [1, batch_size={self.batch_size}], got {mb!r}")
+        mt = self.micro_batch_tokens
+        if mt is not None and (isinstance(mt, bool) or not isinstance(mt, int) or mt < 1):
+            raise ValueError(f"micro_batch_tokens must be an integer >= 1 or None, got {mt!r}")
+        ms = self.max_seconds
+        if ms is not None and (isinstance(ms, bool) or not isinstance(ms, (int, float)) or not math.isfinite(ms) or ms <= 0):
+            raise ValueError(f"max_seconds must be a finite number > 0 or None, got {ms!r}")
         if self.stop_after is not None and not 1 <= self.stop_after <= self.steps:
             raise ValueError(f"stop_after must be in [1, steps={self.steps}], got {self.stop_after!r}")
         for name in ("lr", "max_grad_norm"):
@@ -160,6 +175,39 @@ def step_indices(n_examples: int, batch_size: int, step: int, seed: int) -> list
         perm = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
         out.append(int(perm[offset]))
     return out
+
+
+def bucketed_step_indices(buckets: Sequence[int], batch_size: int, step: int, seed: int) -> list[int]:
+    """The examples of global batch ``step`` when every batch comes from ONE bucket (e.g. one document length).
+
+    Each epoch shuffles every bucket (seeded by seed, epoch, bucket), cuts it into batches of ``batch_size`` (the
+    last one topped up from the start of the same shuffled bucket), and shuffles the order of all batches. A pure
+    function of its arguments, like `step_indices`, so resumed runs see the same batches.
+    Args:
+        buckets: the bucket of each example (any integers).
+    """
+    if not buckets:
+        raise ValueError("n_examples: the training set is empty")
+    members: dict[int, list[int]] = {}
+    for i, b in enumerate(buckets):
+        members.setdefault(b, []).append(i)
+    per_epoch = sum(-(-len(m) // batch_size) for m in members.values())
+    epoch, index = divmod(step, per_epoch)
+    batches = []
+    for b in sorted(members):
+        m = members[b]
+        perm = torch.randperm(len(m), generator=torch.Generator().manual_seed(seed * 100_003 + epoch * 1009 + b % 1009))
+        order = [m[int(j)] for j in perm]
+        for start in range(0, len(order), batch_size):
+            batches.append([order[(start + k) % len(order)] for k in range(batch_size)])
+    shuffle = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed * 100_003 + epoch + 7))
+    return batches[int(shuffle[index])]
+
+
+def length_bucket(example: dict, n_tokens: int) -> int:
+    """The bucket of a training example: its ``context_tokens`` if given, else its token count // 1024."""
+    ct = example.get("context_tokens")
+    return int(ct) if isinstance(ct, int) and not isinstance(ct, bool) else n_tokens // 1024
 
 
 def answer_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -286,6 +334,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, comm
     if config.mode == "lrsa" and accelerator.is_main_process:
         warn_if_answers_exceed_budget(tokenizer, train_examples, config.lag_config, "train (LRSA)")
     features = encode_examples(tokenizer, train_examples)
+    buckets = [length_bucket(ex, len(f["input_ids"])) for ex, f in zip(train_examples, features)]
+    del train_examples
     dev_features = []
     if config.dev_data:
         dev_features = encode_examples(
@@ -299,7 +349,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, comm
     if resume:
         accelerator.load_state(str(ckpt))
         state = json.loads((ckpt / "trainer_state.json").read_text())
-        if state["config"] != dataclasses.asdict(dataclasses.replace(config, stop_after=None)):
+        if state["config"] != _resumable(config):
             raise ValueError(f"resume: {ckpt} was written by a run with another configuration; "
                              f"start a fresh run in another out_dir")
         start_step, history = state["step"], state["history"]
@@ -312,8 +362,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, comm
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
         if accelerator.is_main_process:
-            state = {"step": step, "config": dataclasses.asdict(dataclasses.replace(config, stop_after=None)),
-                     "history": history}
+            state = {"step": step, "config": _resumable(config), "history": history}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
             if config.mode == "lrsa":
                 (tmp / "lag_config.json").write_text(json.dumps(config.lag, indent=1))
@@ -337,9 +386,16 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, comm
                disable=not (progress and accelerator.is_main_process))
     t0 = time.perf_counter() - (history[-1]["elapsed_s"] if history else 0.0)
     tokens_seen = history[-1]["tokens"] if history else 0
+    t_call = time.perf_counter()
     for step in bar:
-        global_idx = step_indices(len(features), config.batch_size, step, config.seed)
+        if config.group_by_length:
+            global_idx = bucketed_step_indices(buckets, config.batch_size, step, config.seed)
+        else:
+            global_idx = step_indices(len(features), config.batch_size, step, config.seed)
         local_idx = global_idx[rank::world]
+        if config.micro_batch_tokens:
+            width = max(len(features[i]["input_ids"]) for i in local_idx)
+            micro = max(1, config.micro_batch_tokens // width)
         batches = [collate([features[i] for i in local_idx[j:j + micro]], tokenizer.pad_token_id)
                    for j in range(0, len(local_idx), micro)]
         local_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
@@ -367,7 +423,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, comm
             torch.tensor(sum(int(b["attention_mask"].sum()) for b in batches), device=accelerator.device), "sum"))
         row = {"step": step + 1, "train_loss": train_loss, "lr": lr, "grad_norm": float(grad_norm),
                "tokens": tokens_seen, "elapsed_s": round(time.perf_counter() - t0, 3)}
-        done = step + 1 == last
+        out_of_time = config.max_seconds is not None and time.perf_counter() - t_call >= config.max_seconds
+        done = step + 1 == last or out_of_time
         if dev_features and ((config.eval_every and (step + 1) % config.eval_every == 0) or step + 1 == config.steps):
             if accelerator.is_main_process:
                 with accelerator.autocast():
@@ -379,16 +436,23 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, comm
                                                       if "dev_exact_match" in row else {}))
         if done or (config.save_every and (step + 1) % config.save_every == 0):
             save_checkpoint(step + 1)
+        if out_of_time:
+            break
     if accelerator.is_main_process:
         if torch.cuda.is_available():
             info["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         info["train_seconds"] = history[-1]["elapsed_s"] if history else 0.0
         (out / "run_info.json").write_text(json.dumps(info, indent=1))
-    if last == config.steps and accelerator.is_main_process:
+    if history and history[-1]["step"] == config.steps and accelerator.is_main_process:
         save_model(accelerator.unwrap_model(model), str(out / "model.safetensors"))
         write_curve(out / "loss_curve.csv", history)
     accelerator.wait_for_everyone()
     return history
+
+
+def _resumable(config: TrainConfig) -> dict:
+    """The configuration a checkpoint must match to be resumed (session limits excluded)."""
+    return dataclasses.asdict(dataclasses.replace(config, stop_after=None, max_seconds=None))
 
 
 class _nullcontext:
@@ -417,6 +481,11 @@ def build_parser() -> argparse.ArgumentParser:
         default = getattr(d, name)
         kind = float if isinstance(default, float) else int
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=default)
+    p.add_argument("--micro-batch-tokens", type=int, default=None,
+                   help="at most this many tokens per micro-batch (overrides --micro-batch-size)")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="stop with a checkpoint after this many seconds of training in this call (--resume goes on)")
+    p.add_argument("--group-by-length", action="store_true", help="every batch from one document length")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     p.add_argument("--train-split", default="train", help="split name for a DatasetDict directory")
     p.add_argument("--dev-split", default="validation", help="split name for a DatasetDict directory")
@@ -436,7 +505,8 @@ def configs_from_args(a: argparse.Namespace) -> list[TrainConfig]:
     shared = {k: getattr(a, k) for k in ("steps", "batch_size", "micro_batch_size", "lr", "weight_decay",
                                           "warmup_steps", "max_grad_norm", "seed", "eval_every", "eval_examples",
                                           "save_every", "stop_after", "precision", "max_train_examples",
-                                          "train_split", "dev_split", "lrsa_backend")}
+                                          "train_split", "dev_split", "lrsa_backend", "micro_batch_tokens",
+                                          "max_seconds", "group_by_length")}
     return [TrainConfig(mode=m, train_data=a.train_data, dev_data=a.dev_data, model=a.model,
                         out_dir=str(Path(a.out) / m), lag=lag, **shared).check() for m in a.modes]
 

