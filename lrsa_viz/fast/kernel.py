@@ -241,6 +241,21 @@ def compiled_region():
 
 
 # ---------------------------------------------------------------------------------------------------- the function
+@functools.lru_cache(maxsize=256)
+def _plan(n: int, config: LagConfig, block_size: int, options: FastOptions, device: torch.device, dtype: torch.dtype,
+          head_dim: int, compiled: bool) -> tuple[LrsaLayout, object, dict | None]:
+    """(layout, block mask, kernel_options) of a call, cached: what does not depend on the data is decided once.
+
+    The layout is that of N rounded up to whole blocks: one compiled kernel and block mask per block count, not
+    per N. Exact: the padding (zero keys after the last token, zero queries) is seen by padding queries only, and
+    the selections real queries see (partitions <= P - 2, references <= P - 1) are made of real tokens only.
+    Uncompiled FlexAttention (tests, CPU) has one implementation, whatever the kernel request.
+    """
+    layout = LrsaLayout.of(-(-n // block_size) * block_size, config, block_size, align_queries=options.align_queries)
+    name = flex_kernel_backend(device, dtype, head_dim, block_size, options.kernel) if compiled else "triton"
+    return layout, lrsa_block_mask(layout, device), {"BACKEND": "FLASH"} if name == "flash" else None
+
+
 def check_qkv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
     """Raise ValueError unless query is [B, H_q, N, d] and key/value are [B, H_kv, N, d] with H_q % H_kv == 0."""
     for name, t in (("query", query), ("key", key), ("value", value)):
@@ -332,28 +347,23 @@ def fast_lrsa_attention(
             "use backend='reference' (enable_lrsa(model, config, backend='reference')) or a CUDA device"
         )
     options = fast_options(kernel, fused, align_queries)
-    # the layout of N rounded up to whole blocks: one compiled kernel and block mask per block count, not per N.
-    # Exact: the padding (zero keys after the last token, zero queries) is seen by padding queries only, and the
-    # selections real queries see (partitions <= P - 2, references <= P - 1) are made of real tokens only.
-    n_blocks = -(-n // block_size) * block_size
-    layout = LrsaLayout.of(n_blocks, config, block_size, align_queries=options.align_queries)
-    select_key, select_value = key.detach(), value.detach()
-    if n_blocks != n:
-        select_key, select_value = (F.pad(t, (0, 0, 0, n_blocks - n)) for t in (select_key, select_value))
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):  # FlexAttention has no autocast rule in every torch: cast here
+        dtype = torch.get_autocast_dtype(device_type)
+    elif not query.dtype == key.dtype == value.dtype:
+        raise ValueError(f"query, key and value must have one dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
+    else:
+        dtype = query.dtype
+    layout, block_mask, kernel_options = _plan(n, config, block_size, options, query.device, dtype, d, compiled)
+    select_key, select_value = key.detach(), value.detach()  # the selection reads K/V as given (before any cast)
+    if layout.seq_len != n:
+        select_key, select_value = (F.pad(t, (0, 0, 0, layout.seq_len - n)) for t in (select_key, select_value))
     if positions is not None:
         check_positions(positions, key, LrsaLayout.of(n, config, block_size))
         if layout.compact != positions.shape[-1]:  # entries for the padded partitions: seen by padding queries only
             positions = F.pad(positions, (0, layout.compact - positions.shape[-1]))
-    device_type = query.device.type
-    if torch.is_autocast_enabled(device_type):  # FlexAttention has no autocast rule in every torch: cast here
-        dtype = torch.get_autocast_dtype(device_type)
+    if dtype != query.dtype or dtype != key.dtype or dtype != value.dtype:
         query, key, value = (t.to(dtype) for t in (query, key, value))
-    elif not query.dtype == key.dtype == value.dtype:
-        raise ValueError(f"query, key and value must have one dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
-    # uncompiled FlexAttention (tests, CPU) has one implementation, whatever the kernel request
-    name = flex_kernel_backend(query.device, query.dtype, d, block_size, options.kernel) if compiled else "triton"
-    kernel_options = {"BACKEND": "FLASH"} if name == "flash" else None
-    block_mask = lrsa_block_mask(layout, query.device)
     args = (query, key, value, select_key, select_value, positions, block_mask, layout, config, scaling, gqa,
             kernel_options)
     with torch.autocast(device_type, enabled=False):
