@@ -16,7 +16,6 @@ from lrsa_viz.agreement import compare_selections, logit_tolerance
 from lrsa_viz.profile import environment_record
 
 
-
 def main(argv: list[str] | None = None) -> None:
     """``python3 scripts/agreement_report.py --out FILE.json``: free-run flips and forced-run logit differences of
     SmolLM2 (float32) on the given passages and configs, with the device and torch version; one line per case."""
