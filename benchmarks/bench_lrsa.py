@@ -45,8 +45,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from lrsa_viz import LagConfig, LagKVCache, disable_lrsa, enable_lrsa, environment_record
 from lrsa_viz.fast import compact_positions, compiled_compact_positions, fast_lrsa_attention
 from lrsa_viz.fast.cost import attention_flops, dense_causal_pairs, lrsa_tiles, lrsa_visible_pairs
-from lrsa_viz.fast.kernel import KERNEL_ENV, compiled_flex_attention, flash_unavailable_reason, flex_kernel_backend, \
-    kernel_report
+from lrsa_viz.fast.kernel import (KERNEL_ENV, allow_recompiles, compiled_flex_attention, flash_unavailable_reason,
+                                  flex_kernel_backend, kernel_report)
 from lrsa_viz.fast.layout import ALIGN_QUERIES, LrsaLayout, layout_kv, lrsa_block_mask, pad_queries
 from lrsa_viz.fast.timing import count_host_syncs, median_time
 from lrsa_viz.mask import visibility_from_keep
@@ -635,10 +635,7 @@ def main(argv=None) -> int:
     elif not torch.cuda.is_available():
         print("bench_lrsa needs a CUDA GPU (or --smoke for a CPU check of the code paths)", file=sys.stderr)
         return 2
-    import torch._dynamo as dynamo
-    for name, value in (("recompile_limit", 64), ("cache_size_limit", 64), ("accumulated_recompile_limit", 512)):
-        if hasattr(dynamo.config, name):  # new shapes must recompile, never fall back to unfused attention
-            setattr(dynamo.config, name, value)
+    allow_recompiles()  # new shapes must recompile, never fall back to unfused attention
     t_begin = time.perf_counter()
     ratios = [float(r) for r in args.ratios.split(",")]
     sections = args.sections.split(",")

@@ -27,9 +27,10 @@ from ..config import LagConfig
 from .layout import ALIGN_QUERIES, DEFAULT_BLOCK_SIZE, LrsaLayout, layout_kv, lrsa_block_mask, pad_queries
 from .selection import compact_positions
 
-#: Dynamo recompiles the static-shape kernels once per new sequence length; past its recompile limit (8 by default)
-#: it would silently fall back to the unfused, O(N^2)-memory implementation, so the limit is raised to at least this.
-RECOMPILE_LIMIT = 64
+#: Dynamo recompiles the static-shape kernels once per new block count, config, kernel and grad mode; past its
+#: recompile limit (8 by default) it would silently fall back to the unfused, O(N^2)-memory implementation, so the
+#: limit is raised to at least this (a benchmark run of every length, ratio and kernel needs about 50).
+RECOMPILE_LIMIT = 256
 #: Environment variables read by `fast_options` (per call, so a process can switch between runs).
 KERNEL_ENV, FUSED_ENV, ALIGN_ENV = "LRSA_VIZ_FLEX_BACKEND", "LRSA_VIZ_FUSED_REGION", "LRSA_VIZ_ALIGN_QUERIES"
 KERNELS = ("auto", "flash", "triton")
@@ -46,6 +47,8 @@ def allow_recompiles(limit: int = RECOMPILE_LIMIT) -> None:
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(dynamo.config, name):
             setattr(dynamo.config, name, max(limit, getattr(dynamo.config, name)))
+    if hasattr(dynamo.config, "accumulated_recompile_limit"):  # over all functions together
+        dynamo.config.accumulated_recompile_limit = max(4 * limit, dynamo.config.accumulated_recompile_limit)
 
 
 # ------------------------------------------------------------------------------------------------- kernel choice
@@ -54,6 +57,15 @@ def _find_spec(name: str) -> bool:
         return importlib.util.find_spec(name) is not None
     except (ImportError, ValueError):  # a parent package that fails to import, or a broken install
         return False
+
+
+def _torch_has_flash_backend() -> bool:
+    import typing
+
+    from torch.nn.attention import flex_attention as fa
+
+    backends = typing.get_args(getattr(fa, "_Backend", None)) or ()
+    return "FLASH" in backends or _find_spec("torch._inductor.kernel.flex.flex_flash_attention")
 
 
 @functools.cache
@@ -65,7 +77,7 @@ def flash_unavailable_reason(device_index: int | None = None) -> str | None:
     major, minor = _capability(device_index)
     if major not in FLASH_CAPABILITIES:
         return f"compute capability {major}.{minor}: FlashAttention-4 tiles need 9.x (Hopper) or 10.x/11.x (Blackwell)"
-    if not _find_spec("torch._inductor.kernel.flex.flex_flash_attention"):
+    if not _torch_has_flash_backend():
         return f"torch {torch.__version__} has no FlexAttention FLASH backend (torch >= 2.11 has it)"
     if not _find_spec("flash_attn.cute"):
         return "the flash-attn-4 package is not installed (pip install 'lrsa-viz[fa4]')"
