@@ -160,3 +160,30 @@ def test_explorer_rejects_bad_arguments(smollm2):
         LagKVExplorer(model, tok, {"a": "text"}, source="sparse")
     with pytest.raises(ValueError, match="max_tokens"):
         LagKVExplorer(model, tok, {"a": "text"}, max_tokens=1)
+
+
+def test_show_displays_the_current_figures(explorer, monkeypatch):
+    """`show` puts the figures themselves in the output (a static render shows them; widgets it does not)."""
+    import lrsa_viz.viz.explorer as module
+    shown = []
+    monkeypatch.setattr(module, "display", shown.append)
+    explorer.show()
+    assert shown == [explorer.figures[name] for name in ("lag_scores", "retained", "grid", "compression")]
+    shown.clear()
+    explorer.ratio.value = 0.5
+    explorer.show(["retained"])
+    assert shown == [explorer.figures["retained"]] and "top 16 of every 32" in shown[0].layout.annotations[0].text
+    with pytest.raises(ValueError, match="views"):
+        explorer.show(["mask"])
+
+
+def test_retained_view_marks_the_partitions_of_the_current_config(explorer):
+    ex = explorer
+    meta = ex.figures["retained"].data[0].meta
+    n, cfg = ex.capture().n_tokens, ex.config
+    expected = [cfg.sink_size + p * cfg.lag_size for p in range(cfg.num_partitions(n) + 1)]
+    assert list(meta["partition_boundaries"]) == expected
+    ex.lag.value = 16
+    meta = ex.figures["retained"].data[0].meta
+    p16 = LagConfig(4, 16, 0.25).num_partitions(n)  # 12 partitions of 16 after the sink of 4
+    assert list(meta["regions"]["kept_whole"]) == [4 + 16 * (p16 - 1), n]

@@ -9,7 +9,10 @@ from lrsa_viz import LagConfig, keep_mask, lagkv_keep_indices, lagkv_scores, vis
 from lrsa_viz.viz import (MAX_CELLS, VISIBLE_REGIONS, attention_comparison_figure, channel_values_figure,
                           coloured_text, heatmap_cells, keep_frequency, lag_score_figure, lrsa_mask_figure, mask_regions,
                           retained_token_figure, retention_grid_figure, span_retention, token_std_figure)
+from lrsa_viz.scoring import select_top_k
 from lrsa_viz.viz.cells import bin_edges
+from lrsa_viz.viz.lag_scores import ablation_overlap_figure, partition_score_figure
+from lrsa_viz.viz.retention import MAX_GRIDLINES, lagkv_regions
 from lrsa_viz.viz.mask_view import EVICTED, FUTURE, LAGGING, OWN, SELECTED, SINK
 
 
@@ -129,8 +132,13 @@ def test_step_figures():
     torch.testing.assert_close(torch.tensor(fig.data[2].z), norm)
     std = norm.std(-1)
     fig = token_std_figure(std, std.softmax(0), [f"t{i}" for i in range(10)], top_k=3)
-    red = [i for i, c in enumerate(fig.data[0].marker.color) if c == "#d62728"]
-    assert red == sorted(std.topk(3).indices.tolist())
+    evicted, kept_bars, line = fig.data
+    assert kept_bars.name == "kept (top 3)" and kept_bars.marker.color == "#d62728"
+    assert list(kept_bars.x) == select_top_k(std.softmax(0)[None, None, None], 3).flatten().tolist()
+    assert sorted(list(evicted.x) + list(kept_bars.x)) == list(range(10))
+    assert "std" in fig.layout.yaxis.title.text and "softmax" in fig.layout.yaxis2.title.text
+    with pytest.raises(ValueError, match="top_k"):
+        token_std_figure(std, std.softmax(0), top_k=11)
 
 
 @pytest.mark.parametrize("cfg, n", [(LagConfig(3, 10, 0.3), 75), (LagConfig(0, 4, 0.5), 33), (LagConfig(5, 6, 1 / 6), 40)])
@@ -227,3 +235,144 @@ def test_every_figure_is_a_plotly_figure(kept):
     figs = [retained_token_figure(kept), retention_grid_figure(kept), lag_score_figure(torch.rand(3, 10), CFG),
             lrsa_mask_figure(kept[0, 0], CFG)]
     assert all(isinstance(f, go.Figure) for f in figs)
+
+
+# ------------------------------------------------------------------------------ annotations that make figures readable
+def _shapes(fig, kind):
+    return [sh for sh in fig.layout.shapes if sh.type == kind]
+
+
+def test_retained_heatmap_marks_partitions_and_regions(kept):
+    """Gridlines at every partition boundary S + p*L, one band per region, a key that names them."""
+    n, s, lag = 75, CFG.sink_size, CFG.lag_size  # P = 7 full partitions, remainder 2
+    fig = retained_token_figure(kept, config=CFG)
+    lines = [sh for sh in _shapes(fig, "line") if sh.yref == "paper"]
+    assert [sh.x0 + 0.5 for sh in lines] == [s + p * lag for p in range(CFG.num_partitions(n) + 1)]
+    bands = {sh.name: (sh.x0 + 0.5, sh.x1 + 0.5) for sh in _shapes(fig, "rect")}
+    assert bands == {"sink": (0, 3), "scored": (3, 63), "kept_whole": (63, 75)}
+    assert lagkv_regions(n, CFG) == {"sink": (0, 3), "scored": (3, 63), "kept_whole": (63, 75)}
+    assert CFG.retained_length(n) == s + CFG.top_k * 6 + (75 - 63), "scored: top-k of 6 partitions; the rest whole"
+    key = [a.text for a in fig.layout.annotations if a.name == "region key"][0]
+    assert "sink 0–2" in key and "top 3 of every 10" in key and "kept whole 63–74" in key
+    assert fig.data[0].meta["regions"]["scored"] == [3, 63]
+    assert torch.tensor(fig.data[0].z)[:, 63:].eq(1).all() and torch.tensor(fig.data[0].z)[:, :3].eq(1).all()
+    # without a config nothing is drawn
+    assert not retained_token_figure(kept).layout.shapes
+
+
+def test_retained_heatmap_regions_below_s_plus_2l():
+    kept = torch.ones(2, 2, 20, dtype=torch.bool)  # 20 < S + 2L = 23: nothing is scored
+    fig = retained_token_figure(kept, config=CFG)
+    assert {sh.name for sh in _shapes(fig, "rect")} == {"sink", "kept_whole"}
+    assert lagkv_regions(20, CFG)["scored"] == (3, 3)
+
+
+def test_retained_heatmap_thins_gridlines():
+    cfg = LagConfig(0, 1, 1.0)
+    fig = retained_token_figure(torch.ones(1, 1, 1000, dtype=torch.bool), config=cfg)
+    lines = [sh for sh in _shapes(fig, "line") if sh.yref == "paper"]
+    assert len(lines) <= MAX_GRIDLINES and fig.data[0].meta["gridline_stride"] == 6
+    assert "gridline every 6 partitions" in fig.layout.title.text
+
+
+def _distinct_bands(colorscale):
+    """(start, stop, colour) of each flat band of a stepped colour scale."""
+    stops = [(float(pos), colour) for pos, colour in colorscale]
+    return [(a[0], b[0], a[1]) for a, b in zip(stops[::2], stops[1::2]) if a[1] == b[1]]
+
+
+@pytest.mark.parametrize("by, levels", [("layer", 3), ("layer_head", 2)])
+def test_retained_heatmap_has_a_discrete_colour_scale(kept, by, levels):
+    """Each possible value (k of H KV heads; kept / evicted) gets one flat colour band, labelled on the colour bar."""
+    fig = retained_token_figure(kept, by=by)
+    trace = fig.data[0]
+    bands = _distinct_bands(trace.colorscale)
+    assert len(bands) == levels == len({c for _, _, c in bands}), "one distinct colour per level"
+    values = [i / (levels - 1) for i in range(levels)]
+    assert list(trace.meta["levels"]) == values == list(trace.colorbar.tickvals)
+    for v, (a, b, _) in zip(values, bands):
+        assert a <= v <= b, "each level falls inside its own band"
+    assert set(torch.tensor(trace.z).unique().tolist()) <= set(values)
+    assert list(trace.colorbar.ticktext) == (["0 of 2", "1 of 2", "2 of 2"] if by == "layer" else ["evicted", "kept"])
+
+
+def test_binned_heatmap_keeps_a_continuous_scale(kept):
+    fig = retained_token_figure(kept, max_cells=4 * 10)
+    assert fig.data[0].meta["levels"] is None and len(fig.data[0].colorscale) == 2
+
+
+def test_layer_head_mode_axes(kept):
+    """One row per (layer, KV head), labelled, with a line between layers; the z rows are the keep mask."""
+    fig = retained_token_figure(kept, [f"t{i}" for i in range(75)], layer_ids=[2, 4, 6, 8], by="layer_head",
+                                config=CFG)
+    assert fig.layout.yaxis.title.text == "layer, KV head" and fig.layout.xaxis.title.text.startswith("token position")
+    assert list(fig.layout.yaxis.ticktext) == [f"L{i} H{h}" for i in (2, 4, 6, 8) for h in range(2)]
+    assert list(fig.layout.yaxis.tickvals) == list(range(8))
+    separators = [sh for sh in _shapes(fig, "line") if sh.xref == "paper"]
+    assert [sh.y0 for sh in separators] == [1.5, 3.5, 5.5]
+    assert torch.equal(torch.tensor(fig.data[0].z).bool(), kept.reshape(8, 75))
+
+
+def test_lag_score_figure_labels_rows_colour_bar_and_kept_text():
+    k, v = random_kv(1, 1, 75, seed=3)
+    scores = lagkv_scores(k, v, CFG)[0, 0]  # [6, 10]
+    tokens = [f"w{i}" for i in range(75)]
+    fig = lag_score_figure(scores, CFG, tokens)
+    assert list(fig.layout.yaxis.ticktext) == [f"p{p}: {3 + 10 * p}–{12 + 10 * p}" for p in range(6)]
+    bar = fig.data[0].colorbar
+    assert bar.title.text == "score<br>a_K + a_V" and "w·" not in bar.title.text
+    assert "0.2000 (2/L)" in bar.ticktext, "the uniform score 2/L is marked on the colour bar"
+    assert 2 / 10 in list(bar.tickvals)
+    offsets = select_top_k(scores[None, None], CFG.top_k)[0, 0]
+    texts = [a.text for a in fig.layout.annotations if a.name == "kept text"]
+    assert texts == ["│".join(f"w{3 + 10 * p + o}" for o in offsets[p].tolist()) for p in range(6)]
+    assert not [a for a in lag_score_figure(scores, CFG).layout.annotations if a.name == "kept text"]
+    weighted = lag_score_figure(scores, LagConfig(3, 10, 0.3, score_v_ratio=0.5))
+    assert weighted.data[0].colorbar.title.text == "score<br>a_K + 0.5·a_V"
+    with pytest.raises(ValueError, match="kept_text_width"):
+        lag_score_figure(scores, CFG, tokens, kept_text_width=-1)
+
+
+def test_lag_score_kept_text_is_shortened():
+    scores = torch.rand(2, 10, generator=torch.Generator().manual_seed(0))
+    fig = lag_score_figure(scores, CFG, ["a-long-token"] * 75, kept_text_width=30)
+    for a in [a for a in fig.layout.annotations if a.name == "kept text"]:
+        assert a.text.endswith("…") and len(a.text.replace("<br>", "")) <= 31
+
+
+def test_partition_score_figure():
+    g = torch.Generator().manual_seed(1)
+    a_k, a_v = torch.rand(10, generator=g).softmax(0), torch.rand(10, generator=g).softmax(0)
+    fig = partition_score_figure(a_k, a_v, CFG, [f"t{i}" for i in range(10)])
+    score = a_k + a_v
+    kept_offsets = select_top_k(score[None, None, None], 3).flatten().tolist()
+    assert list(fig.layout.meta["kept"]) == kept_offsets
+    bars = {t.name: t for t in fig.data if t.type == "bar"}
+    assert list(bars["kept (top 3)"].x) == kept_offsets
+    torch.testing.assert_close(torch.tensor(bars["kept (top 3)"].y), score[kept_offsets])
+    lines = [t for t in fig.data if t.type == "scatter"]
+    assert lines[0].y[0] == pytest.approx(0.2) and lines[0].name.startswith("uniform score")
+    assert lines[1].y[0] == pytest.approx(float(score[kept_offsets].min()))
+    lo, hi = fig.layout.yaxis.range
+    assert 0 < lo < float(score.min()) and hi > float(score.max()), "the axis is zoomed to the scores, not from 0"
+    assert "a_K + a_V" in fig.layout.yaxis.title.text
+    with pytest.raises(ValueError, match="lag_size"):
+        partition_score_figure(a_k[:5], a_v[:5], CFG)
+
+
+def test_ablation_overlap_figure():
+    fig = ablation_overlap_figure({"plain std": 0.99, "keys only": 0.7}, 0.25)
+    assert list(fig.data[0].x) == [0.99, 0.7] and list(fig.data[0].y) == ["plain std", "keys only"]
+    assert fig.layout.shapes[0].x0 == 0.25 and "chance" in fig.layout.shapes[0].name
+    with pytest.raises(ValueError, match="fractions"):
+        ablation_overlap_figure({"x": 1.5}, 0.25)
+    with pytest.raises(ValueError, match="at least one"):
+        ablation_overlap_figure({}, 0.25)
+
+
+def test_many_rows_are_labelled_once_per_layer():
+    kept = torch.ones(30, 3, 40, dtype=torch.bool)
+    fig = retained_token_figure(kept, by="layer_head")
+    assert list(fig.layout.yaxis.tickvals) == list(range(0, 90, 3))
+    assert list(fig.layout.yaxis.ticktext) == [f"L{i} H0" for i in range(30)]
+    assert list(retained_token_figure(kept).layout.yaxis.ticktext) == [f"L{i}" for i in range(30)]

@@ -50,6 +50,60 @@ def cost_model_figure(seq_lens: Sequence[int], ratios: Sequence[float] = (0.25, 
     return fig
 
 
+def kept_fraction_figure(seq_lens: Sequence[int], ratios: Sequence[float] = (0.25, 0.125), sink: int = 16,
+                         lag: int = 128) -> go.Figure:
+    """On LINEAR axes, against N: the fraction of the KV cache one-shot LagKV keeps (eq. 12 / N) and the fraction
+    of dense causal (query, key) pairs the LRSA mask shows. Both only approach r as N grows (dashed lines at r):
+    the sink, the lagging partition and the tail kept whole are a fixed cost that weighs most at short N.
+
+    Returns:
+        go.Figure with two subplots; per ratio the traces "r=…: KV cache kept", "r=…: attention pairs" and
+        "limit r=…" (``meta`` of each data trace: {"ratio", "quantity"}).
+    """
+    n = sorted(int(x) for x in seq_lens)
+    if not n or n[0] < 1:
+        raise ValueError(f"seq_lens must be positive token counts, got {list(seq_lens)}")
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("KV cache kept by LagKV (eq. 12 / N)",
+                                                        "attention pairs LRSA shows (of dense causal)"))
+    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
+    for i, ratio in enumerate(ratios):
+        cfg = LagConfig(sink, lag, ratio)
+        colour = palette[i % len(palette)]
+        kept = [cfg.retained_length(x) / x for x in n]
+        pairs = [lrsa_visible_pairs(x, cfg) / dense_causal_pairs(x) for x in n]
+        fig.add_trace(go.Scatter(x=n, y=kept, name=f"r={ratio}: KV cache kept", line=dict(color=colour),
+                                 meta={"ratio": ratio, "quantity": "kv_kept"},
+                                 hovertemplate="N=%{x}: %{y:.3f} of the cache kept<extra></extra>"), 1, 1)
+        fig.add_trace(go.Scatter(x=n, y=pairs, name=f"r={ratio}: attention pairs", line=dict(color=colour, dash="dot"),
+                                 meta={"ratio": ratio, "quantity": "pairs"},
+                                 hovertemplate="N=%{x}: %{y:.3f} of dense pairs<extra></extra>"), 1, 2)
+        for col in (1, 2):
+            fig.add_trace(go.Scatter(x=[n[0], n[-1]], y=[ratio, ratio], mode="lines", name=f"limit r={ratio}",
+                                     line=dict(color=colour, dash="dash", width=1), showlegend=col == 1,
+                                     legendgroup=f"limit{ratio}", hoverinfo="skip"), 1, col)
+    for col in (1, 2):
+        fig.update_xaxes(title_text="tokens N (linear)", row=1, col=col)
+        fig.update_yaxes(range=[0, 1], tickformat=".0%", row=1, col=col)
+    fig.update_yaxes(title_text="fraction of the full cache", row=1, col=1)
+    fig.update_yaxes(title_text="fraction of the dense causal pairs", row=1, col=2)
+    fig.update_layout(height=420, width=1000, title=f"What LRSA / LagKV keep, on linear axes (S={sink}, L={lag})")
+    return fig
+
+
+def bound_rate_tflops(result: dict) -> float:
+    """The matmul rate (TFLOP/s) behind a benchmark's FLOP-count bounds: ``matmul_bf16_tflops`` where recorded,
+    else FLOPs / ``dense_bound_s`` of its first attention row (same shapes as the run; SmolLM2's by default)."""
+    if "matmul_bf16_tflops" in result:
+        return float(result["matmul_bf16_tflops"])
+    rows = result.get("attention") or []
+    if not rows:
+        raise ValueError("result has no attention rows to read the bound's matmul rate from")
+    shapes = {**SMOLLM2_SHAPES, **result.get("shapes", {})}
+    row = rows[0]
+    flops = attention_flops(dense_causal_pairs(row["n"]), shapes["heads_q"], shapes["head_dim"]) * row["batch"]
+    return flops / row["dense_bound_s"]["fwd"] / 1e12
+
+
 def load_benchmark(path: str | Path) -> dict:
     """The JSON written by ``benchmarks/bench_lrsa.py``."""
     path = Path(path)
@@ -78,19 +132,29 @@ def attention_rows(result: dict) -> list[dict]:
 
 def measured_attention_figure(result: dict, which: str = "fwd_bwd") -> go.Figure:
     """Measured time per token (median time / (batch * N)) against N for every method, and the FLOP-count bounds
-    (dashed). ``which``: ``"fwd"`` or ``"fwd_bwd"``."""
+    (dashed). ``which``: ``"fwd"`` or ``"fwd_bwd"``.
+
+    A bound is the attention FLOP count (visible pairs x 2 d x matrix products, `attention_flops`) divided by the
+    measured bf16 matmul rate (`bound_rate_tflops`): the time the work would take at matmul speed, which no
+    attention kernel reaches. Its legend entry says so.
+    """
     if which not in ("fwd", "fwd_bwd"):
         raise ValueError(f"which must be 'fwd' or 'fwd_bwd', got {which!r}")
     rows = [r for r in attention_rows(result) if r["pass"] == which]
+    rate = bound_rate_tflops(result)
     fig = go.Figure()
     for method in dict.fromkeys(r["method"] for r in rows):
         pts = sorted((r["n"], r["s"] / (r["batch"] * r["n"]) * 1e9) for r in rows if r["method"] == method)
-        fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], name=method, mode="lines+markers",
-                                 line=dict(dash="dash" if method.startswith("bound") else "solid")))
+        bound = method.startswith("bound")
+        name = f"{method}: FLOPs ÷ {rate:.0f} TFLOP/s" if bound else f"{method} (measured)"
+        fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], name=name, mode="lines+markers",
+                                 line=dict(dash="dash" if bound else "solid"), meta={"method": method}))
     fig.update_xaxes(type="log", title_text="tokens N")
     fig.update_yaxes(type="log", title_text="ns per token (all heads)")
-    fig.update_layout(height=450, width=900, title=f"Attention {which.replace('_', '+')} on {result.get('gpu', '?')}, "
-                                                  f"torch {result.get('environment', {}).get('torch', '?')}")
+    fig.update_layout(height=480, width=980, title=dict(
+        text=f"Attention {which.replace('_', '+')} on {result.get('gpu', '?')}, torch "
+             f"{result.get('environment', {}).get('torch', '?')}<br><sup>dashed 'bound' = attention FLOPs ÷ measured "
+             f"bf16 matmul rate ({rate:.0f} TFLOP/s): the time at matmul speed, a floor no kernel reaches</sup>"))
     return fig
 
 

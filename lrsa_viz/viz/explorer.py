@@ -66,7 +66,8 @@ class LagKVExplorer:
         figures: {"lag_scores" | "retained" | "grid" | "compression": go.Figure}, the views as last drawn.
         model_runs: how many forward passes the explorer has run (tests use it to check caching).
         error: the message of the last rejected control setting ("" when the settings are valid).
-        widget: the dashboard (``display(explorer.widget)``, or just put the explorer last in a cell).
+        widget: the dashboard (``display(explorer.widget)``, or just put the explorer last in a cell); `show`
+            displays the current figures as plain outputs (visible in static renders too).
     """
 
     def __init__(
@@ -209,7 +210,7 @@ class LagKVExplorer:
             self.figures["lag_scores"] = fig
         if "retained" in targets:
             self.figures["retained"] = retained_token_figure(
-                kept, tokens, layer_ids=capture.layer_ids, by=self.rows.value, max_cells=self.max_cells,
+                kept, tokens, layer_ids=capture.layer_ids, by=self.rows.value, config=config, max_cells=self.max_cells,
                 title=f"Retained tokens ({'fraction of KV heads' if self.rows.value == 'layer' else 'layer x KV head'}; "
                       f"{capture.source})")
         if "grid" in targets:
@@ -230,6 +231,19 @@ class LagKVExplorer:
             f"model runs so far: {self.model_runs}")
         for name in targets:  # replace the Output widget's content directly (no output capture: works headless)
             self.outputs[name].outputs = (figure_output(self.figures[name]),)
+
+    def show(self, views: Sequence[str] | None = None) -> None:
+        """Display the current figures of ``views`` (default: all, in dashboard order) as ordinary plotly outputs.
+
+        The dashboard's figures live in widgets, which a static render (GitHub, nbviewer, an executed notebook
+        without widget state) does not show; these outputs stay visible there.
+        """
+        names = list(VIEWS if views is None else views)
+        unknown = [v for v in names if v not in VIEWS]
+        if unknown:
+            raise ValueError(f"views must be among {list(VIEWS)}, got {unknown}")
+        for name in names:
+            display(self.figures[name])
 
     # ----------------------------------------------------------------------------------------------------------
     def _layout(self) -> widgets.Widget:

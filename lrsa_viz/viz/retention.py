@@ -1,7 +1,8 @@
 """Which tokens LagKV keeps: a retained-token heatmap (layers or layer x KV head x tokens) and a layer x KV-head grid.
 
-Input everywhere: ``kept`` [n_layers, H_kv, N] bool, e.g. `KVCapture.keep_mask(config)` or a `LagKVCache`'s
-``kept_position_mask()[:, 0]``.
+Given the LagConfig that made them, the heatmap marks the partitions (dotted gridlines) and the three regions of
+one-shot compression (sink, scored partitions, tail kept whole). Input everywhere: ``kept`` [n_layers, H_kv, N]
+bool, e.g. `KVCapture.keep_mask(config)` or a `LagKVCache`'s ``kept_position_mask()[:, 0]``.
 """
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from typing import Literal, Sequence
 
 import plotly.graph_objects as go
 import torch
+from plotly.colors import sample_colorscale
 
+from ..config import LagConfig
 from .cells import MAX_CELLS, bin_columns, check_max_cells, hover_safe, snippet
 
 
@@ -33,12 +36,73 @@ def keep_frequency(kept: torch.Tensor) -> torch.Tensor:
     return kept.float().mean(dim=(0, 1))
 
 
+def _discrete_colorscale(levels: int) -> list:
+    """A stepped colour scale over [0, 1] with ``levels`` flat bands centred on 0, 1/(levels-1), ..., 1."""
+    colours = sample_colorscale("Blues", [0.04 + 0.96 * i / (levels - 1) for i in range(levels)])
+    scale = []
+    for i, colour in enumerate(colours):
+        lo, hi = max(0.0, (i - 0.5) / (levels - 1)), min(1.0, (i + 0.5) / (levels - 1))
+        scale += [[lo, colour], [hi, colour]]
+    return scale
+
+
+def lagkv_regions(n: int, config: LagConfig) -> dict[str, tuple[int, int]]:
+    """Token ranges [start, stop) of one-shot LagKV compression of ``n`` tokens (METHOD.md §2):
+    ``sink`` (always kept), ``scored`` (partitions 0 .. P-2: top-k of each kept) and ``kept_whole`` (the last full
+    partition and the remainder). Below S + 2L nothing is scored: everything after the sink is kept whole."""
+    s = min(config.sink_size, n)
+    p = config.num_partitions(n)
+    scored_stop = s + (p - 1) * config.lag_size if p >= 2 else s
+    return {"sink": (0, s), "scored": (s, scored_stop), "kept_whole": (scored_stop, n)}
+
+
+#: Fill colours of the region bands drawn above the retained-token heatmap.
+REGION_COLOURS = {"sink": "#7f7f7f", "scored": "#ff7f0e", "kept_whole": "#2ca02c"}
+#: At most this many row labels on the y axis (beyond it, layer x head rows are labelled once per layer).
+MAX_ROW_LABELS = 45
+#: At most this many partition gridlines are drawn (every m-th boundary beyond it; the title says so).
+MAX_GRIDLINES = 200
+
+
+def _annotate_partitions(fig: go.Figure, n: int, config: LagConfig, plot_height: int) -> dict:
+    """Partition gridlines, and sink / scored / kept-whole bands with a colour key above a token-position x axis.
+
+    ``plot_height``: height of the plotting area in pixels (the bands are drawn about 14 px high).
+    Returns the meta to attach to the heatmap trace.
+    """
+    regions = lagkv_regions(n, config)
+    s, lag, top_k = config.sink_size, config.lag_size, config.top_k
+    p = config.num_partitions(n)
+    boundaries = [s + i * lag for i in range(p + 1)] if p >= 1 else []
+    stride = max(1, -(-len(boundaries) // MAX_GRIDLINES))
+    for b in boundaries[::stride]:
+        fig.add_shape(type="line", x0=b - 0.5, x1=b - 0.5, y0=0, y1=1, xref="x", yref="paper",
+                      line=dict(color="rgba(214,39,40,0.9)", width=1.5, dash="dot"))
+    band = 14 / max(plot_height, 50)
+    spans = {name: f"{a}–{b - 1}" for name, (a, b) in regions.items() if b > a}
+    labels = {"sink": f"sink {spans.get('sink', '')}: always kept",
+              "scored": f"scored partitions {spans.get('scored', '')}: top {top_k} of every {lag} kept",
+              "kept_whole": f"kept whole {spans.get('kept_whole', '')}: last full partition + remainder"}
+    key = []
+    for name, (a, b) in regions.items():
+        if b <= a:
+            continue
+        fig.add_shape(type="rect", x0=a - 0.5, x1=b - 0.5, y0=1 + band / 3, y1=1 + band / 3 + band, xref="x",
+                      yref="paper", fillcolor=REGION_COLOURS[name], line_width=0, name=name)
+        key.append(f"<span style='color:{REGION_COLOURS[name]}'>■</span> {labels[name]}")
+    fig.add_annotation(text="   ".join(key), x=0, xref="paper", xanchor="left", y=1 + 1.6 * band, yref="paper",
+                       yanchor="bottom", showarrow=False, font=dict(size=11), name="region key")
+    return {"regions": {k: list(v) for k, v in regions.items()}, "partition_boundaries": boundaries,
+            "gridline_stride": stride}
+
+
 def retained_token_figure(
     kept: torch.Tensor,
     tokens: Sequence[str] | None = None,
     *,
     layer_ids: Sequence[int] | None = None,
     by: Literal["layer", "layer_head"] = "layer",
+    config: LagConfig | None = None,
     max_cells: int = MAX_CELLS,
     title: str | None = None,
 ) -> go.Figure:
@@ -47,19 +111,28 @@ def retained_token_figure(
     Args:
         kept: [n_layers, H_kv, N] bool.
         tokens: N token strings, shown on hover.
-        by: ``"layer"``: a cell is the fraction of the layer's KV heads that keep the token;
-            ``"layer_head"``: one row per (layer, KV head), a cell is 1 (kept) or 0 (evicted).
+        by: ``"layer"``: a cell is the fraction of the layer's KV heads that keep the token (H_kv + 1 possible
+            values, drawn with a DISCRETE colour scale of H_kv + 1 steps); ``"layer_head"``: one row per
+            (layer, KV head), a cell is 1 (kept) or 0 (evicted), two colours, with lines between layers.
+        config: the LagConfig that produced ``kept``: draws partition gridlines (dotted, at S + p*L) and bands
+            above the plot for the sink, the scored partitions and the tail kept whole (last full partition +
+            remainder).
         max_cells: at most this many cells; longer texts are binned into windows of consecutive tokens and a cell
-            is then the fraction of kept (token, head) pairs in its window (the title says so).
+            is then the fraction of kept (token, head) pairs in its window (continuous colour scale; the title
+            says so).
     Returns:
         go.Figure with one heatmap; ``z`` has rows x min(N, max_cells // rows) cells; the trace's
-        ``meta["bin_edges"]`` gives the token range of each column (column b covers edges[b]:edges[b+1]).
+        ``meta["bin_edges"]`` gives the token range of each column (column b covers edges[b]:edges[b+1]),
+        ``meta["levels"]`` the values of the discrete colour scale (None when binned) and, with ``config``,
+        ``meta["regions"]`` / ``meta["partition_boundaries"]`` the annotated token ranges.
     """
     kept = _check_kept(kept)
     n_layers, n_heads, n = kept.shape
     ids = _layer_ids(layer_ids, n_layers)
     if tokens is not None and len(tokens) != n:
         raise ValueError(f"tokens must have one string per position ({n}), got {len(tokens)}")
+    if config is not None and not isinstance(config, LagConfig):
+        raise ValueError(f"config must be a LagConfig or None, got {type(config).__name__}")
     if by == "layer":
         rows, labels = kept.float().mean(dim=1), [f"L{i}" for i in ids]
     elif by == "layer_head":
@@ -77,19 +150,57 @@ def retained_token_figure(
     else:
         x = list(range(n))
         col_text = [f"token {t}: '{hover_safe(tokens[t])}'" if tokens else f"token {t}" for t in range(n)]
-    what = "fraction kept" if binned or by == "layer" else "kept (1) / evicted (0)"
+    if binned:
+        levels = None
+        what = "fraction kept in the window"
+        colour = dict(colorscale=[[0, "#f7fbff"], [1, "#08306b"]], colorbar=dict(title=what))
+        value = what + ": %{z:.2f}"
+    elif by == "layer":
+        levels = [i / n_heads for i in range(n_heads + 1)]
+        what = f"kept by how many of the {n_heads} KV heads"
+        colour = dict(colorscale=_discrete_colorscale(n_heads + 1),
+                      colorbar=dict(title=f"KV heads<br>keeping it (of {n_heads})", tickmode="array",
+                                    tickvals=levels, ticktext=[f"{i} of {n_heads}" for i in range(n_heads + 1)]))
+        value = f"kept by %{{z:.0%}} of the layer's {n_heads} KV heads"
+    else:
+        levels = [0.0, 1.0]
+        what = "kept (1) / evicted (0)"
+        colour = dict(colorscale=_discrete_colorscale(2),
+                      colorbar=dict(title="this KV head", tickmode="array", tickvals=levels,
+                                    ticktext=["evicted", "kept"]))
+        value = "kept (1) / evicted (0): %{z:.0f}"
+    meta = {"by": by, "bin_edges": edges, "levels": levels}
     fig = go.Figure(go.Heatmap(
         z=z.tolist(), x=x, y=list(range(len(labels))), text=[col_text] * len(labels), zmin=0, zmax=1,
-        colorscale=[[0, "#f2f2f2"], [1, "#1f77b4"]], colorbar=dict(title=what),
-        customdata=[[lab] * len(x) for lab in labels], meta={"by": by, "bin_edges": edges},
-        hovertemplate="%{customdata}<br>%{text}<br>" + what + ": %{z:.2f}<extra></extra>",
+        customdata=[[lab] * len(x) for lab in labels], meta=meta,
+        hovertemplate="%{customdata}<br>%{text}<br>" + value + "<extra></extra>", **colour,
     ))
-    note = f" — binned: {len(x)} windows of ~{n / len(x):.1f} tokens" if binned else ""
+    if by == "layer_head" and n_heads > 1:
+        for i in range(1, n_layers):
+            fig.add_shape(type="line", x0=0, x1=1, y0=i * n_heads - 0.5, y1=i * n_heads - 0.5, xref="paper",
+                          yref="y", line=dict(color="rgba(40,40,40,0.5)", width=1))
+    height = max(320, min(900, 90 + 14 * len(labels))) + (60 if config is not None else 0)
+    # too many rows for one label each: label the first KV head of every layer ("L7 H0"), or every m-th layer
+    step = 1 if len(labels) <= MAX_ROW_LABELS else n_heads if by == "layer_head" else -(-len(labels) // MAX_ROW_LABELS)
+    tickvals = list(range(0, len(labels), step))
+    margin = dict(t=120 if config is not None else 70, b=60)
+    notes = []
+    if config is not None:
+        extra = _annotate_partitions(fig, n, config, height - margin["t"] - margin["b"])
+        meta.update(extra)
+        fig.data[0].meta = meta
+        if extra["gridline_stride"] > 1:
+            notes.append(f"gridline every {extra['gridline_stride']} partitions")
+    if binned:
+        notes.append(f"binned: {len(x)} windows of ~{n / len(x):.1f} tokens")
+    note = (" — " + "; ".join(notes)) if notes else ""
+    default = "per layer: how many KV heads keep each token" if by == "layer" else "per layer and KV head"
     fig.update_layout(
-        title=(title or f"Retained tokens ({'per layer: fraction of KV heads' if by == 'layer' else 'per layer and KV head'})") + note,
-        xaxis_title="token position", yaxis=dict(title="layer" if by == "layer" else "layer, KV head", autorange="reversed",
-                                                   tickmode="array", tickvals=list(range(len(labels))), ticktext=labels),
-        height=max(300, min(900, 40 + 14 * len(labels))),
+        title=(title or f"Retained tokens ({default})") + note,
+        xaxis_title="token position" + (" (dotted lines: partition boundaries)" if config is not None else ""),
+        yaxis=dict(title="layer" if by == "layer" else "layer, KV head", autorange="reversed",
+                   tickmode="array", tickvals=tickvals, ticktext=[labels[i] for i in tickvals]),
+        height=height, margin=margin,
     )
     return fig
 
