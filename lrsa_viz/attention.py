@@ -289,11 +289,26 @@ def lrsa_config_of(model: PreTrainedModel) -> LagConfig | None:
     return LagConfig.from_dict(getattr(model.config, _CONFIG_ATTR))
 
 
-def lrsa_backend_of(model: PreTrainedModel) -> str | None:
-    """The backend name the model runs LRSA with (``"auto"``, ``"reference"``, ``"flex"``), or None when LRSA is off."""
+def lrsa_backend_of(model: PreTrainedModel, resolved: bool = False) -> str | None:
+    """The backend the model runs LRSA with, or None when LRSA is off.
+
+    ``resolved=False``: the name it was enabled with (``"auto"``, ``"reference"``, ``"flex"``). ``resolved=True``: what
+    runs on the model's device and dtype: ``"reference"``, ``"flex/flash"`` (FlashAttention-4 tiles) or
+    ``"flex/triton"`` (`lrsa_viz.fast.kernel.flex_kernel_backend`).
+    """
     if model.config._attn_implementation != LRSA_IMPLEMENTATION:
         return None
-    return getattr(model.config, _BACKEND_ATTR, "reference")
+    name = getattr(model.config, _BACKEND_ATTR, "reference")
+    if not resolved:
+        return name
+    param = next(model.parameters())
+    name = resolve_backend(name, param.device)
+    if name == "reference":
+        return name
+    from .fast.kernel import flex_kernel_backend
+
+    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    return "flex/" + flex_kernel_backend(param.device, param.dtype, head_dim)
 
 
 @contextlib.contextmanager

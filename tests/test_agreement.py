@@ -117,3 +117,13 @@ def test_forced_selections_flex_equals_reference_cpu(tiny):
     for name in ("chunked", "mirrored"):
         assert (outs["flex", name] - outs["reference", name]).abs().max().item() <= 1e-4
     assert (outs["reference", "mirrored"] - outs["reference", "chunked"]).abs().max().item() > 1e-3
+
+
+def test_lrsa_backend_of_resolves_on_cpu(tiny):
+    from lrsa_viz import lrsa, lrsa_backend_of
+
+    with lrsa(tiny, CFG):
+        assert lrsa_backend_of(tiny) == "auto" and lrsa_backend_of(tiny, resolved=True) == "reference"
+    with lrsa(tiny, CFG, backend="flex"):
+        assert lrsa_backend_of(tiny, resolved=True) == "flex/triton"  # FlashAttention-4 needs a CUDA GPU
+    assert lrsa_backend_of(tiny, resolved=True) is None
