@@ -424,11 +424,25 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 def encode_prompts(tokenizer, examples: Sequence[dict]) -> list[tuple[list[int], int]]:
-    """`encode_prompt` of many examples, tokenized in two batched calls."""
+    """`encode_prompt` of many examples, tokenized in batched calls.
+
+    Examples that carry their document's token ids (``context_ids``, written by `lrsa_viz.tasks`) are not
+    tokenized again: the prompt is the chat header's ids + ``context_ids`` + the ids of the question part
+    (pre-tokenisation splits at the two boundaries, a newline after the header and "\\n\\n" after the document).
+    The first such prompt is checked against a full tokenization; if they differ, every prompt is tokenized whole.
+    """
+    if not examples:
+        return []
     texts = [prompt_text(tokenizer, ex) for ex in examples]
-    cuts = [text.index(ex["context"]) + len(ex["context"]) for text, ex in zip(texts, examples)]
+    cuts = [(text.index(ex["context"]), text.index(ex["context"]) + len(ex["context"])) for text, ex in zip(texts, examples)]
+    if all(isinstance(ex.get("context_ids"), list) for ex in examples):
+        heads = _batch_ids(tokenizer, [text[:a] for text, (a, _) in zip(texts, cuts)])
+        tails = _batch_ids(tokenizer, [text[b:] for text, (_, b) in zip(texts, cuts)])
+        out = [(h + ex["context_ids"] + t, len(h) + len(ex["context_ids"])) for h, t, ex in zip(heads, tails, examples)]
+        if out[0][0] == _batch_ids(tokenizer, texts[:1])[0]:
+            return out
     ids = _batch_ids(tokenizer, texts)
-    prefixes = _batch_ids(tokenizer, [text[:cut] for text, cut in zip(texts, cuts)])
+    prefixes = _batch_ids(tokenizer, [text[:b] for text, (_, b) in zip(texts, cuts)])
     # context_end: tokens shared by the prefix and the prompt (all of the prefix unless a merge crosses the boundary)
     return [(i, _common_prefix(p, i)) for i, p in zip(ids, prefixes)]
 
@@ -454,7 +468,10 @@ def encode_examples(tokenizer, examples: Sequence[dict]) -> list[dict]:
     """Training features of many examples (batched tokenization): see `encode_example`."""
     if tokenizer.eos_token_id is None:
         raise ValueError("tokenizer: needs an eos_token (the end-of-turn token) to mark the end of the answer")
-    prompts = _batch_ids(tokenizer, [prompt_text(tokenizer, ex) for ex in examples])
+    if all(isinstance(ex.get("context_ids"), list) for ex in examples):
+        prompts = [ids for ids, _ in encode_prompts(tokenizer, examples)]
+    else:
+        prompts = _batch_ids(tokenizer, [prompt_text(tokenizer, ex) for ex in examples])
     targets = [t + [tokenizer.eos_token_id] for t in _batch_ids(tokenizer, [ex["answer"] for ex in examples])]
     return [{"input_ids": p + t, "labels": [IGNORE_INDEX] * len(p) + t} for p, t in zip(prompts, targets)]
 

@@ -182,3 +182,18 @@ def test_bad_input(tok, call, match):
 def test_registry():
     assert task_names() == ["single_needle", "multi_key", "multi_value", "multi_query", "variable_tracking",
                             "frequent_word"]
+
+
+def test_prompts_from_context_ids_equal_a_full_tokenization(tok, splits):
+    """Documents carry their token ids: prompts and training features built from them are exactly the full
+    tokenization's; wrong ids are caught by the check on the first prompt (and the full tokenization is used)."""
+    from lrsa_viz.qa_data import encode_examples
+
+    for name in TASKS:
+        examples = splits[name][:4]
+        plain = [{k: v for k, v in ex.items() if k != "context_ids"} for ex in examples]
+        assert encode_prompts(tok, examples) == encode_prompts(tok, plain)
+        assert encode_examples(tok, examples) == encode_examples(tok, plain)
+    broken = [dict(ex, context_ids=ex["context_ids"][:-1]) for ex in splits["multi_key"][:2]]
+    assert encode_prompts(tok, broken) == encode_prompts(tok, [{k: v for k, v in ex.items() if k != "context_ids"}
+                                                               for ex in broken])

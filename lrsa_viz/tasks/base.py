@@ -11,7 +11,8 @@ class does the rest, the same way for every task:
   the distractors (shuffled, unless the task's needles must stay in order, e.g. assignment chains);
 - the example is a dict with the fields of the dataset card (``data/qa/README.md``): id, task, context, question,
   answer, instruction, metric, context_tokens, depth (mean depth of the needles that carry the answer), needles
-  (text, depth, asked), retrieve, and the task's own metadata.
+  (text, depth, asked), retrieve, the task's own metadata, and ``context_ids`` (the document's token ids, so
+  training and evaluation need not tokenize 8k-token documents again: `lrsa_viz.qa_data.encode_prompts`).
 """
 from __future__ import annotations
 
@@ -130,7 +131,8 @@ class Task:
                 depth[j] = start / self.context_tokens
             start += n
         context = "".join(p for p, _, _ in pieces)
-        n_tokens = self.haystack.count([context])[0]
+        context_ids = self.haystack.encode(context)
+        n_tokens = len(context_ids)
         if n_tokens != self.context_tokens:  # the pieces are tokenized apart; they must add up exactly
             raise RuntimeError(f"generator bug ({self.name}): document has {n_tokens} tokens, expected "
                                f"{self.context_tokens}")
@@ -148,6 +150,7 @@ class Task:
                         for j, s in enumerate(spec.needles)],
             "retrieve": list(spec.retrieve),
             **spec.meta,
+            "context_ids": context_ids,
         }
 
     def split(self, split: str, size: int, start: int = 0, progress: bool = False, workers: int = 1) -> list[dict]:

@@ -122,6 +122,13 @@ class Haystack:
             return [len(e.ids) for e in backend.encode_batch(list(texts), add_special_tokens=False)]
         return [len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
+    def encode(self, text: str) -> list[int]:
+        """Token ids of one text (no special tokens)."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            return backend.encode(text, add_special_tokens=False).ids
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
     def _closing_table(self, limit: int) -> dict[int, list[int]]:
         """{gap: short-sentence lengths that add up to it} for every gap up to ``limit`` that can be closed."""
         table: dict[int, list[int]] = {0: []}
