@@ -64,8 +64,10 @@ class TrainConfig:
         max_train_examples: read at most this many training examples (None: all).
         group_by_length: draw every global batch from one length bucket (examples' ``context_tokens``, else their
             token count in steps of 1024), so a mixture of 4k and 8k documents is not padded to 8k.
-        micro_batch_tokens: if set, a micro-batch holds at most this many tokens (at least one example), e.g.
-            32768 = 4 examples of 8k or 8 of 4k; overrides micro_batch_size.
+        micro_batch_tokens: if set, a micro-batch holds at most this many tokens (at least one example): the
+            largest divisor of the per-process batch whose micro-batches of the widest prompt of the bucket (of the
+            batch without grouping) fit, e.g. 40960 = 4 examples of 8k or 8 of 4k for a batch of 16; overrides
+            micro_batch_size. A fixed size per bucket keeps compiled kernels (FlexAttention) to few shapes.
         max_seconds: stop (with a checkpoint, resumable) once this run has trained this long in this call, for
             time-limited sessions; the schedule still spans ``steps``.
         train_split, dev_split: split names when the data is a DatasetDict directory (ignored for JSONL).
@@ -204,6 +206,11 @@ def bucketed_step_indices(buckets: Sequence[int], batch_size: int, step: int, se
     return batches[int(shuffle[index])]
 
 
+def divisor_at_most(n: int, cap: int) -> int:
+    """The largest divisor of ``n`` that is <= max(cap, 1): micro-batches of one size."""
+    return max(d for d in range(1, n + 1) if n % d == 0 and d <= max(cap, 1))
+
+
 def length_bucket(example: dict, n_tokens: int) -> int:
     """The bucket of a training example: its ``context_tokens`` if given, else its token count // 1024."""
     ct = example.get("context_tokens")
@@ -335,6 +342,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, comm
         warn_if_answers_exceed_budget(tokenizer, train_examples, config.lag_config, "train (LRSA)")
     features = encode_examples(tokenizer, train_examples)
     buckets = [length_bucket(ex, len(f["input_ids"])) for ex, f in zip(train_examples, features)]
+    bucket_width: dict[int, int] = {}
+    for f, b in zip(features, buckets):
+        bucket_width[b] = max(bucket_width.get(b, 0), len(f["input_ids"]))
     del train_examples
     dev_features = []
     if config.dev_data:
@@ -394,8 +404,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, comm
             global_idx = step_indices(len(features), config.batch_size, step, config.seed)
         local_idx = global_idx[rank::world]
         if config.micro_batch_tokens:
-            width = max(len(features[i]["input_ids"]) for i in local_idx)
-            micro = max(1, config.micro_batch_tokens // width)
+            width = (bucket_width[buckets[local_idx[0]]] if config.group_by_length
+                     else max(len(features[i]["input_ids"]) for i in local_idx))
+            micro = divisor_at_most(len(local_idx), config.micro_batch_tokens // width)
         batches = [collate([features[i] for i in local_idx[j:j + micro]], tokenizer.pad_token_id)
                    for j in range(0, len(local_idx), micro)]
         local_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)

@@ -36,7 +36,7 @@ DEV_PER_CELL=${DEV_PER_CELL:-2}
 TEST_N=${TEST_N:-200}                   # held-out items per (task, context) and seed
 STEPS=${STEPS:-48}
 BATCH=${BATCH:-16}
-MICRO_TOKENS=${MICRO_TOKENS:-32768}
+MICRO_TOKENS=${MICRO_TOKENS:-40960}    # micro-batches: 4 x 8k or 8 x 4k
 LR=${LR:-2e-4}
 WARMUP=${WARMUP:-5}
 EVAL_EVERY=${EVAL_EVERY:-12}
@@ -85,7 +85,7 @@ PIDS=()
 if [ "$GPUS" -gt 0 ]; then
     for (( g = 0; g < GPUS; g++ )); do
         CUDA_VISIBLE_DEVICES=$g TOKENIZERS_PARALLELISM=true $PY -m lrsa_viz.tasks.suite worker --work "$WORK" \
-            --worker "$g" --deadline "$DEADLINE" --margin "$MARGIN" &
+            --worker "$g" --workers-total "$GPUS" --deadline "$DEADLINE" --margin "$MARGIN" &
         PIDS+=($!)
     done
 else

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lrsa_viz.tasks.suite import SuiteConfig, Work, gpu_jobs, init_work, summarise, tier_settings
+from lrsa_viz.tasks.suite import SuiteConfig, Work, affinity, gpu_jobs, init_work, summarise, tier_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = {"MODEL": "tiny:0", "SEEDS": "0 1", "TASKS": "multi_key variable_tracking", "PRIORITY_TASKS": "1",
@@ -74,6 +74,8 @@ def test_jobs_in_priority_order():
     assert tiers == sorted(tiers, key=["core", "chunked@0.25", "chunked@0.5"].index), "core first, then r = 0.25"
     core = [j.split("/")[4] for j in evals if "/core/" in j]
     assert core == ["multi_key"] * 6 + ["frequent_word"] * 6, "priority tasks first"
+    assert [affinity(j, 2) for j in jobs[:4]] == [0, 1, 0, 1] and affinity(jobs[4], 2) is None
+    assert affinity("train/0/lrsa", 1) == 0, "one worker runs everything"
     needs = dict(gpu_jobs(config))
     assert needs["eval/1/lrsa/core/multi_key/4000"] == ["data/1/test/multi_key/4000", "train/1/lrsa"]
     assert needs["eval/1/base/core/multi_key/4000"] == ["data/1/test/multi_key/4000"]

@@ -11,7 +11,7 @@ from lrsa_viz.config import LagConfig
 from lrsa_viz.evaluate import Setting, greedy_answers
 from lrsa_viz.qa_data import IGNORE_INDEX, QAConfig, QAGenerator, collate, encode_example, load_tokenizer, write_jsonl
 from lrsa_viz.train import (TrainConfig, answer_loss_sums, answer_positions, bucketed_step_indices, check_attention,
-                            length_bucket, load_run, load_source, main, step_indices, train)
+                            divisor_at_most, length_bucket, load_run, load_source, main, step_indices, train)
 
 LAG = LagConfig(sink_size=8, lag_size=32, ratio=0.25)
 
@@ -55,6 +55,7 @@ def test_bucketed_batches_come_from_one_bucket_and_cover_the_epoch():
     assert epoch != [bucketed_step_indices(buckets, 4, s, seed=4) for s in range(per_epoch)]
     assert bucketed_step_indices(buckets, 4, per_epoch, seed=3) != epoch[0] or True  # next epoch reshuffles
     assert length_bucket({"context_tokens": 8000}, 8123) == 8000 and length_bucket({}, 5000) == 4
+    assert [divisor_at_most(16, c) for c in (0, 1, 3, 5, 7, 9, 16, 40)] == [1, 1, 2, 4, 4, 8, 16, 16]
 
 
 def test_grouped_run_with_a_time_limit_resumes_like_an_uninterrupted_one(tok, tmp_path):

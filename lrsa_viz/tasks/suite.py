@@ -294,11 +294,19 @@ def tier_settings(config: SuiteConfig, tier: str):
     return [Setting(b, "chunked", r) for b in config.baselines]
 
 
+def affinity(job: str, n_workers: int) -> int | None:
+    """The worker that must run ``job`` (None: any). Full fine-tunes go to worker 0 and LRSA fine-tunes to worker
+    1 (of 2+): each worker then compiles only its own kernels (FlexAttention for LRSA), once for all seeds."""
+    if job.startswith("train/"):
+        return 0 if job.endswith("/full") else 1 % n_workers
+    return None
+
+
 class Claims:
     """Who runs what: one lock file, held while a worker picks its next job."""
 
-    def __init__(self, work: Work, worker: int):
-        self.work, self.worker = work, worker
+    def __init__(self, work: Work, worker: int, n_workers: int = 1):
+        self.work, self.worker, self.n_workers = work, worker, n_workers
         self.dir = work.root / "claims"
         self.dir.mkdir(parents=True, exist_ok=True)
 
@@ -315,6 +323,8 @@ class Claims:
                     claim = self.dir / job.replace("/", "__")
                     if claim.exists() or not all(self.work.is_done(n) for n in needs):
                         continue
+                    if affinity(job, self.n_workers) not in (None, self.worker):
+                        continue
                     claim.write_text(str(self.worker))
                     return job, True
                 return None, pending
@@ -328,13 +338,15 @@ class Claims:
 class Worker:
     """Runs GPU jobs in one process (one GPU): trains, loads models once, evaluates."""
 
-    def __init__(self, work: Work, worker: int, deadline: float, progress: bool = False, margin_s: float = 20.0):
+    def __init__(self, work: Work, worker: int, deadline: float, progress: bool = False, margin_s: float = 20.0,
+                 n_workers: int = 1):
         import torch
 
         from ..qa_data import load_tokenizer
 
         self.work, self.worker, self.deadline, self.progress = work, worker, deadline, progress
         self.margin_s = margin_s  # no job starts later than this before the deadline
+        self.n_workers = n_workers
         self.config = work.config()
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
@@ -358,7 +370,7 @@ class Worker:
     def run(self) -> int:
         """Take jobs until none is left or the deadline is near. Returns the number of jobs done."""
         jobs = gpu_jobs(self.config)
-        claims = Claims(self.work, self.worker)
+        claims = Claims(self.work, self.worker, self.n_workers)
         done = 0
         while time.time() < self.deadline - self.margin_s:
             job, _ = claims.pick(jobs)
@@ -442,8 +454,12 @@ class Worker:
                               seed=seed, model_name=name, progress=self.progress)
         for row in rows:
             row.update(task=task, context_tokens=int(ctx), seed=seed, metric=task_metric(task), tier=tier)
+        import torch
+
+        peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if self.device.type == "cuda" else None
         return {"rows": rows, "answers": [ex["answer"] for ex in examples],
-                "depths": [ex["depth"] for ex in examples], "max_new_tokens": answer_tokens + 3}
+                "depths": [ex["depth"] for ex in examples], "max_new_tokens": answer_tokens + 3,
+                "batch_size": max(1, c.eval_batch_tokens // prompt_tokens), "peak_gpu_memory_gib": peak}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -571,6 +587,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             s.add_argument("--worker", type=int, default=0)
             s.add_argument("--deadline", type=float, default=math.inf, help="unix time after which no job starts")
             s.add_argument("--margin", type=float, default=20.0, help="seconds before the deadline: no new job")
+            s.add_argument("--workers-total", type=int, default=1, help="GPU workers of this run (job affinity)")
         if name == "collect":
             s.add_argument("--out", required=True)
             s.add_argument("--name", default="finetune_suite")
@@ -584,7 +601,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for job, seconds in make_data(work, workers=a.workers, progress=a.progress).items():
             print(f"[data {time.strftime('%H:%M:%S')}] {job}: {seconds} s", file=sys.stderr, flush=True)
     elif a.command == "worker":
-        Worker(work, a.worker, a.deadline, progress=a.progress, margin_s=a.margin).run()
+        Worker(work, a.worker, a.deadline, progress=a.progress, margin_s=a.margin, n_workers=a.workers_total).run()
     else:
         for kind, path in collect(work, a.out, a.name, a.experiment).items():
             print(f"{kind}: {path}", file=sys.stderr)
