@@ -1,10 +1,19 @@
-"""Plotly figures of the fine-tuning experiment: accuracy against KV compression, loss curves, accuracy by depth.
+"""Plotly figures of the fine-tuning experiments: accuracy against the MEASURED kept fraction of the KV cache,
+loss curves, accuracy by depth, kinds of wrong answers, and the task suite's per-task figures with error bars.
 
-Every function takes what `lrsa_viz.evaluate` writes (the results dict, or its rows / curves) and returns a
-``plotly.graph_objects.Figure``. Only this module imports plotly: training and evaluation do not need it.
+Every function takes what `lrsa_viz.evaluate` / `lrsa_viz.tasks.suite` write (rows, summaries, curves,
+predictions) and returns a ``plotly.graph_objects.Figure`` (or plain numbers for the error analysis). Only this
+module imports plotly: training and evaluation do not need it.
+
+The x axis of every accuracy figure is ``kv_fraction``, the share of the prompt's tokens the cache actually holds
+once the prompt is read (sink, the last partition and the remainder are kept whole, so it is above the nominal
+ratio r: at 2k tokens, r = 0.5 / 0.25 / 0.125 keep 54% / 31% / 20%, i.e. 1.8x / 3.2x / 5x compression).
 """
 from __future__ import annotations
 
+import re
+import statistics
+from collections import Counter
 from typing import Sequence
 
 import plotly.graph_objects as go
@@ -12,18 +21,28 @@ from plotly.subplots import make_subplots
 
 from .evaluate import contains_answer, exact_match, token_f1
 
-METRICS = {"exact_match": "exact match", "f1": "token F1", "contains": "answer contained"}
+METRICS = {"exact_match": "exact match", "f1": "token F1", "contains": "answer contained", "score": "task score"}
 MODEL_COLOURS = {"base": "#7f7f7f", "full": "#1f77b4", "lrsa": "#d62728"}
-SETTING_ORDER = ("lagkv/chunked", "lagkv/one_shot", "streaming/chunked", "random/chunked",
-                 "streaming/one_shot", "random/one_shot")
+MODEL_NAMES = {"base": "base model", "full": "full-attention fine-tune", "lrsa": "LRSA fine-tune"}
+SETTING_ORDER = ("lagkv/chunked", "lagkv/one_shot", "streaming/chunked", "random/chunked", "snapkv/chunked",
+                 "streaming/one_shot", "random/one_shot", "snapkv/one_shot")
 SETTING_TITLES = {
     "lagkv/chunked": "LagKV, chunk-by-chunk (the LRSA pattern)",
     "lagkv/one_shot": "LagKV, one-shot on the document",
     "streaming/chunked": "StreamingLLM (sink + recent), chunked",
     "random/chunked": "random selection, chunked",
+    "snapkv/chunked": "SnapKV (newest queries' attention), chunked",
     "streaming/one_shot": "StreamingLLM, one-shot",
     "random/one_shot": "random selection, one-shot",
+    "snapkv/one_shot": "SnapKV, one-shot",
 }
+SETTING_DASH = {"lagkv/chunked": "solid", "lagkv/one_shot": "dash", "streaming/chunked": "dot",
+                "random/chunked": "dot", "snapkv/chunked": "dashdot", "streaming/one_shot": "dot",
+                "random/one_shot": "dot", "snapkv/one_shot": "dashdot"}
+SETTING_SYMBOL = {"lagkv/chunked": "circle", "lagkv/one_shot": "diamond", "streaming/chunked": "triangle-right",
+                  "random/chunked": "x", "snapkv/chunked": "star", "streaming/one_shot": "triangle-right-open",
+                  "random/one_shot": "x-open", "snapkv/one_shot": "star-open"}
+KV_AXIS = "KV cache kept (measured share of the prompt's tokens)"
 
 
 def check_metric(metric: str) -> None:
@@ -35,20 +54,26 @@ def _colour(model: str, i: int) -> str:
     return MODEL_COLOURS.get(model, ("#2ca02c", "#9467bd", "#8c564b", "#e377c2")[i % 4])
 
 
-def accuracy_vs_ratio_figure(rows: Sequence[dict], metric: str = "exact_match") -> go.Figure:
-    """One panel per compressed setting; x = compression (full KV, then 1/r), y = ``metric``; one line per model.
+def compression_label(kv_fraction: float) -> str:
+    """'54% kept (1.8x)': the measured kept share and the compression factor it means."""
+    if not 0 < kv_fraction <= 1:
+        raise ValueError(f"kv_fraction must be in (0, 1], got {kv_fraction!r}")
+    return f"{100 * kv_fraction:.0f}% kept ({1 / kv_fraction:.1f}x)"
 
-    Every line starts at the model's full-KV score, so each panel reads as "how much is lost as the cache shrinks".
+
+def accuracy_vs_ratio_figure(rows: Sequence[dict], metric: str = "exact_match") -> go.Figure:
+    """One panel per compressed setting; x = MEASURED kept fraction of the cache (full KV at 1), y = ``metric``.
+
+    Every line starts at the model's full-KV score, so each panel reads as "how much is lost as the cache
+    shrinks". The hover gives the nominal ratio r and the real compression factor 1 / kv_fraction.
     Args:
-        rows: result rows (`lrsa_viz.evaluate`): model, setting, ratio and the metric.
+        rows: result rows (`lrsa_viz.evaluate`): model, setting, ratio, kv_fraction and the metric.
     """
     check_metric(metric)
     if not rows:
         raise ValueError("rows: no results to plot")
     settings = [s for s in SETTING_ORDER if any(r["setting"] == s for r in rows)]
     models = list(dict.fromkeys(r["model"] for r in rows))
-    ratios = sorted({r["ratio"] for r in rows if r["setting"] != "full"}, reverse=True)
-    ticks = ["full KV"] + [f"{1 / r:g}x (r={r:g})" for r in ratios]
     cols = 2 if len(settings) > 1 else 1
     n_rows = (len(settings) + cols - 1) // cols
     fig = make_subplots(rows=n_rows, cols=cols, subplot_titles=[SETTING_TITLES.get(s, s) for s in settings],
@@ -57,19 +82,21 @@ def accuracy_vs_ratio_figure(rows: Sequence[dict], metric: str = "exact_match") 
         row, col = k // cols + 1, k % cols + 1
         for i, model in enumerate(models):
             full = [r for r in rows if r["model"] == model and r["setting"] == "full"]
-            points = sorted((r for r in rows if r["model"] == model and r["setting"] == setting),
-                            key=lambda r: -r["ratio"])
-            xs = (["full KV"] if full else []) + [ticks[1 + ratios.index(r["ratio"])] for r in points]
-            ys = ([full[0][metric]] if full else []) + [r[metric] for r in points]
-            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=model, legendgroup=model,
-                                     showlegend=k == 0, line=dict(color=_colour(model, i), width=2.5),
-                                     hovertemplate=f"{model}<br>%{{x}}<br>{METRICS[metric]} %{{y:.3f}}<extra></extra>"),
-                          row=row, col=col)
-        fig.update_xaxes(categoryorder="array", categoryarray=ticks, row=row, col=col)
+            points = full + sorted((r for r in rows if r["model"] == model and r["setting"] == setting),
+                                   key=lambda r: -r["ratio"])
+            fig.add_trace(go.Scatter(
+                x=[r["kv_fraction"] for r in points], y=[r[metric] for r in points], mode="lines+markers",
+                name=MODEL_NAMES.get(model, model), legendgroup=model, showlegend=k == 0,
+                line=dict(color=_colour(model, i), width=2.5),
+                customdata=[("full KV" if r["setting"] == "full" else f"r={r['ratio']:g}", compression_label(r["kv_fraction"]))
+                            for r in points],
+                hovertemplate=f"{model}<br>%{{customdata[0]}}, %{{customdata[1]}}<br>{METRICS[metric]} %{{y:.3f}}<extra></extra>"),
+                row=row, col=col)
+        fig.update_xaxes(range=[1.05, 0], row=row, col=col, title_text=KV_AXIS if row == n_rows else None)
         fig.update_yaxes(range=[-0.03, 1.03], row=row, col=col)
     fig.update_yaxes(title_text=METRICS[metric], col=1)
-    fig.update_layout(title=f"{METRICS[metric]} against KV-cache compression (held-out test split)",
-                      height=330 * n_rows + 80, legend_title_text="model", template="plotly_white")
+    fig.update_layout(title=f"{METRICS[metric]} against the KV cache actually kept (held-out test split)",
+                      height=340 * n_rows + 90, legend_title_text="model", template="plotly_white")
     return fig
 
 
@@ -77,23 +104,29 @@ def loss_curves_figure(curves: Sequence[dict]) -> go.Figure:
     """Training loss (answer tokens, log scale) per run against step, with the dev loss where it was measured.
 
     Args:
-        curves: rows with run, step, train_loss and optionally dev_loss (`results["curves"]`).
+        curves: rows with run, step, train_loss and optionally dev_loss and seed (suite curves: one line per run
+            and seed).
     """
     if not curves:
         raise ValueError("curves: no training curves to plot")
     fig = go.Figure()
-    runs = list(dict.fromkeys(c["run"] for c in curves))
-    for i, run in enumerate(runs):
-        mine = [c for c in curves if c["run"] == run]
+    names = list(dict.fromkeys(c["run"] for c in curves))
+    runs = sorted(dict.fromkeys((c["run"], c.get("seed")) for c in curves),
+                  key=lambda rs: (names.index(rs[0]), -1 if rs[1] is None else rs[1]))
+    for i, (run, seed) in enumerate(runs):
+        mine = [c for c in curves if c["run"] == run and c.get("seed") == seed]
         colour = _colour(run, i)
+        label = run if seed is None else f"{run} seed {seed}"
+        first = seed is None or seed == min(s for r, s in runs if r == run)
         fig.add_trace(go.Scatter(x=[c["step"] for c in mine], y=[max(c["train_loss"], 1e-6) for c in mine],
-                                 mode="lines", name=f"{run}: train", line=dict(color=colour, width=1.5)))
+                                 mode="lines", name=f"{label}: train", legendgroup=run,
+                                 line=dict(color=colour, width=1.5), opacity=1.0 if first else 0.55))
         dev = [c for c in mine if c.get("dev_loss") is not None]
         if dev:
             fig.add_trace(go.Scatter(x=[c["step"] for c in dev], y=[max(c["dev_loss"], 1e-6) for c in dev],
-                                     mode="markers+lines", name=f"{run}: dev",
+                                     mode="markers+lines", name=f"{label}: dev", legendgroup=run,
                                      line=dict(color=colour, dash="dot"), marker=dict(size=8, symbol="diamond")))
-    fig.update_yaxes(type="log", title_text="cross-entropy per answer token")
+    fig.update_yaxes(type="log", title_text="cross-entropy per answer token (nats, log scale)")
     fig.update_xaxes(title_text="optimiser step")
     fig.update_layout(title="Fine-tuning loss (answer tokens only)", template="plotly_white", height=420)
     return fig
@@ -110,6 +143,8 @@ def accuracy_by_depth_figure(rows: Sequence[dict], examples: Sequence[dict], set
         bins: equal-width depth bins over [0, 1).
     """
     check_metric(metric)
+    if metric == "score":
+        raise ValueError("metric must be exact_match, f1 or contains for the depth figure")
     if isinstance(bins, bool) or not isinstance(bins, int) or not 1 <= bins <= 50:
         raise ValueError(f"bins must be an integer in [1, 50], got {bins!r}")
     if any("depth" not in ex for ex in examples):
@@ -129,10 +164,144 @@ def accuracy_by_depth_figure(rows: Sequence[dict], examples: Sequence[dict], set
             sums[b] += score(pred, ex["answer"])
             counts[b] += 1
         ys = [s / c if c else None for s, c in zip(sums, counts)]
-        fig.add_trace(go.Bar(x=labels, y=ys, name=r["model"], marker_color=_colour(r["model"], i),
-                             customdata=counts, hovertemplate="%{x}: %{y:.2f} (%{customdata} examples)<extra></extra>"))
+        fig.add_trace(go.Bar(x=labels, y=ys, name=MODEL_NAMES.get(r["model"], r["model"]),
+                             marker_color=_colour(r["model"], i), customdata=counts,
+                             hovertemplate="%{x}: %{y:.2f} (%{customdata} examples)<extra></extra>"))
     title = setting if setting == "full" else f"{setting}, r={ratio:g}"
     fig.update_layout(title=f"{METRICS[metric]} by depth of the asked fact ({title})", barmode="group",
-                      template="plotly_white", height=400, xaxis_title="depth in the document (0 = start)",
-                      yaxis=dict(title=METRICS[metric], range=[0, 1.05]))
+                      template="plotly_white", height=400,
+                      xaxis_title="depth of the asked fact in the document (0 = first token, 1 = last)",
+                      yaxis=dict(title=METRICS[metric], range=[0, 1.05]), legend_title_text="model")
+    return fig
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What the wrong answers look like
+
+ERROR_KINDS = ("correct", "near miss", "another planted value", "repeated digits", "wrong length", "other")
+ERROR_COLOURS = dict(zip(ERROR_KINDS, ("#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#1f77b4", "#7f7f7f")))
+
+
+def error_kind(prediction: str, gold: str, others: Sequence[str] = ()) -> str:
+    """What kind of answer ``prediction`` is, for a gold value like "4821" (one of ERROR_KINDS).
+
+    In this order: "correct" (exact match); "near miss" (same length as the gold, one character different);
+    "another planted value" (equals another value of the document, ``others``: the wrong fact was read);
+    "repeated digits" (a run of one digit at least 4 long making up half the answer or more: "8888888888888888",
+    "41111111"); "wrong length" (digits only, not the gold's length: "29000", "40900000"); "other".
+    """
+    p, g = prediction.strip(), gold.strip()
+    if exact_match(p, g):
+        return "correct"
+    if len(p) == len(g) and sum(a != b for a, b in zip(p, g)) == 1:
+        return "near miss"
+    if p in {o.strip() for o in others}:
+        return "another planted value"
+    runs = [len(m.group()) for m in re.finditer(r"(\d)\1*", p)]
+    if runs and max(runs) >= 4 and max(runs) >= len(p) / 2:
+        return "repeated digits"
+    if p.isdigit() and len(p) != len(g):
+        return "wrong length"
+    return "other"
+
+
+def error_breakdown(predictions: Sequence[str], golds: Sequence[str],
+                    others: Sequence[Sequence[str]] | None = None) -> dict[str, int]:
+    """{kind: count} over ERROR_KINDS (every kind present, zeros included)."""
+    if len(predictions) != len(golds) or (others is not None and len(others) != len(golds)):
+        raise ValueError(f"predictions, golds (and others) must have one entry per example, got {len(predictions)}, "
+                         f"{len(golds)}" + (f", {len(others)}" if others is not None else ""))
+    counts = Counter(error_kind(p, g, others[i] if others is not None else ())
+                     for i, (p, g) in enumerate(zip(predictions, golds)))
+    return {k: counts.get(k, 0) for k in ERROR_KINDS}
+
+
+def error_breakdown_figure(breakdowns: dict[str, dict[str, int]], title: str = "What the answers are") -> go.Figure:
+    """Stacked bars: one bar per label (e.g. "full FT, LagKV chunked r=0.125"), its answers by ERROR_KINDS."""
+    if not breakdowns:
+        raise ValueError("breakdowns: nothing to plot")
+    labels = list(breakdowns)
+    fig = go.Figure()
+    for kind in ERROR_KINDS:
+        fig.add_trace(go.Bar(y=labels, x=[breakdowns[l].get(kind, 0) for l in labels], name=kind, orientation="h",
+                             marker_color=ERROR_COLOURS[kind],
+                             hovertemplate=f"%{{y}}<br>{kind}: %{{x}}<extra></extra>"))
+    fig.update_layout(barmode="stack", title=title, template="plotly_white", height=120 + 38 * len(labels),
+                      xaxis_title="test examples", yaxis=dict(autorange="reversed"), legend_title_text="answer")
+    return fig
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The task suite
+
+
+def suite_task_figure(summary: Sequence[dict], task: str,
+                      settings: Sequence[str] = ("lagkv/chunked", "lagkv/one_shot"),
+                      hidden: Sequence[str] = ("streaming/chunked", "random/chunked", "snapkv/chunked")) -> go.Figure:
+    """One task of the suite: mean score over seeds against the measured kept fraction, with the standard
+    deviation over seeds as error bars; one panel per context length, one colour per model, one line style per
+    setting. Settings in ``hidden`` are drawn but start hidden (click their legend entries).
+
+    Args:
+        summary: `lrsa_viz.tasks.suite.summarise` rows (task, context_tokens, model, setting, ratio, mean, std,
+            kv_fraction, n_seeds, n_per_seed, metric).
+    """
+    mine = [s for s in summary if s["task"] == task]
+    if not mine:
+        raise ValueError(f"task: no summary rows for {task!r}")
+    contexts = sorted({s["context_tokens"] for s in mine})
+    models = [m for m in ("base", "full", "lrsa") if any(s["model"] == m for s in mine)] + sorted(
+        {s["model"] for s in mine} - {"base", "full", "lrsa"})
+    metric = "exact match" if mine[0]["metric"] == "exact_match" else "set F1"
+    seeds = max(s["n_seeds"] for s in mine)
+    fig = make_subplots(rows=1, cols=len(contexts), shared_yaxes=True,
+                        subplot_titles=[f"{c} -token documents" for c in contexts])
+    shown = set()
+    for col, ctx in enumerate(contexts, start=1):
+        for i, model in enumerate(models):
+            full = [s for s in mine if s["context_tokens"] == ctx and s["model"] == model and s["setting"] == "full"]
+            for setting in [*settings, *hidden]:
+                pts = full + sorted((s for s in mine if s["context_tokens"] == ctx and s["model"] == model
+                                     and s["setting"] == setting), key=lambda s: -s["ratio"])
+                if len(pts) <= len(full):
+                    continue
+                name = f"{MODEL_NAMES.get(model, model)}, {SETTING_TITLES.get(setting, setting)}"
+                fig.add_trace(go.Scatter(
+                    x=[p["kv_fraction"] for p in pts], y=[p["mean"] for p in pts], mode="lines+markers", name=name,
+                    legendgroup=name, showlegend=name not in shown, visible="legendonly" if setting in hidden else True,
+                    error_y=dict(type="data", array=[p["std"] or 0.0 for p in pts], visible=True, thickness=1.2),
+                    line=dict(color=_colour(model, i), dash=SETTING_DASH.get(setting, "solid"), width=2),
+                    marker=dict(symbol=SETTING_SYMBOL.get(setting, "circle"), size=8),
+                    customdata=[("full KV" if p["setting"] == "full" else f"r={p['ratio']:g}",
+                                 compression_label(p["kv_fraction"]), p["std"] or 0.0, p["n_seeds"], p["n_per_seed"])
+                                for p in pts],
+                    hovertemplate=(f"{name}<br>%{{customdata[0]}}, %{{customdata[1]}}<br>{metric} %{{y:.3f}} "
+                                   "± %{customdata[2]:.3f} (%{customdata[3]} seeds x %{customdata[4]} items)"
+                                   "<extra></extra>")), row=1, col=col)
+                shown.add(name)
+        fig.update_xaxes(range=[1.05, 0], title_text=KV_AXIS, row=1, col=col)
+    fig.update_yaxes(range=[-0.03, 1.05], title_text=f"{metric} (mean over {seeds} seeds, bars: ± 1 std)", col=1)
+    fig.update_layout(title=f"{task}: {metric} against the KV cache kept", template="plotly_white", height=480,
+                      legend=dict(font=dict(size=10)), legend_title_text="model, cache setting")
+    return fig
+
+
+def prose_loss_figure(prose: Sequence[dict]) -> go.Figure:
+    """Language-model loss on held-out prose (full cache) per model: mean over seeds, bars ± 1 std, seeds as dots."""
+    if not prose:
+        raise ValueError("prose: no prose losses to plot")
+    models = [m for m in ("base", "full", "lrsa") if any(p["model"] == m for p in prose)]
+    fig = go.Figure()
+    for i, model in enumerate(models):
+        losses = [p["loss"] for p in prose if p["model"] == model]
+        std = statistics.stdev(losses) if len(losses) > 1 else 0.0
+        fig.add_trace(go.Bar(x=[MODEL_NAMES.get(model, model)], y=[statistics.fmean(losses)], name=model,
+                             marker_color=_colour(model, i), error_y=dict(type="data", array=[std]),
+                             hovertemplate=f"{model}: %{{y:.4f}} nats/token ± {std:.4f}<extra></extra>"))
+        fig.add_trace(go.Scatter(x=[MODEL_NAMES.get(model, model)] * len(losses), y=losses, mode="markers",
+                                 marker=dict(color="black", size=6), showlegend=False,
+                                 hovertemplate="one seed: %{y:.4f}<extra></extra>"))
+    fig.update_layout(title="Loss on held-out prose with the full cache (Gettysburg, Declaration, Dickens)",
+                      yaxis_title="cross-entropy per token (nats)", template="plotly_white", height=400,
+                      showlegend=False)
     return fig

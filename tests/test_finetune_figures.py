@@ -5,7 +5,9 @@ import plotly.graph_objects as go
 import pytest
 
 from lrsa_viz.evaluate import read_results
-from lrsa_viz.finetune_figures import accuracy_by_depth_figure, accuracy_vs_ratio_figure, loss_curves_figure
+from lrsa_viz.finetune_figures import (ERROR_KINDS, accuracy_by_depth_figure, accuracy_vs_ratio_figure,
+                                      compression_label, error_breakdown, error_breakdown_figure, error_kind,
+                                      loss_curves_figure, prose_loss_figure, suite_task_figure)
 from lrsa_viz.qa_data import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,11 +18,11 @@ def fake_rows():
     rows = []
     for model, base in (("base", 0.2), ("lrsa", 0.9)):
         rows.append({"model": model, "setting": "full", "ratio": 1.0, "exact_match": base, "f1": base,
-                     "contains": base, "predictions": ["1", "2", "9", "9"]})
+                     "contains": base, "kv_fraction": 1.0, "predictions": ["1", "2", "9", "9"]})
         for r in (0.5, 0.25):
             for setting in ("lagkv/chunked", "streaming/chunked"):
                 rows.append({"model": model, "setting": setting, "ratio": r, "exact_match": base * r, "f1": base,
-                             "contains": base, "predictions": ["1", "0", "0", "4"]})
+                             "contains": base, "kv_fraction": r + 0.05, "predictions": ["1", "0", "0", "4"]})
     return rows
 
 
@@ -28,9 +30,10 @@ def test_accuracy_vs_ratio_traces_hold_the_table():
     fig = accuracy_vs_ratio_figure(fake_rows())
     assert isinstance(fig, go.Figure)
     assert len(fig.data) == 4  # 2 settings x 2 models
-    lrsa_lagkv = [t for t in fig.data if t.name == "lrsa"][0]
-    assert list(lrsa_lagkv.x) == ["full KV", "2x (r=0.5)", "4x (r=0.25)"]
+    lrsa_lagkv = [t for t in fig.data if t.name == "LRSA fine-tune"][0]
+    assert list(lrsa_lagkv.x) == pytest.approx([1.0, 0.55, 0.30]), "x = measured kv_fraction, not r"
     assert list(lrsa_lagkv.y) == pytest.approx([0.9, 0.45, 0.225])
+    assert [c[1] for c in lrsa_lagkv.customdata] == ["100% kept (1.0x)", "55% kept (1.8x)", "30% kept (3.3x)"]
     assert [t.showlegend for t in fig.data] == [True, True, False, False]
     with pytest.raises(ValueError, match="metric must be one of"):
         accuracy_vs_ratio_figure(fake_rows(), metric="bleu")
@@ -43,6 +46,8 @@ def test_loss_curves():
     curves += [{"run": "lrsa", "step": s, "train_loss": 0.0, "dev_loss": None} for s in (1, 2)]
     fig = loss_curves_figure(curves)
     assert [t.name for t in fig.data] == ["full: train", "full: dev", "lrsa: train"]
+    seeded = loss_curves_figure([{**c, "seed": s} for s in (0, 1) for c in curves])
+    assert [t.name for t in seeded.data][:3] == ["full seed 0: train", "full seed 0: dev", "full seed 1: train"]
     assert list(fig.data[1].y) == [0.5] and min(fig.data[2].y) > 0, "zero loss is clipped for the log axis"
     with pytest.raises(ValueError, match="no training curves"):
         loss_curves_figure([])
@@ -51,7 +56,7 @@ def test_loss_curves():
 def test_accuracy_by_depth_recomputes_from_predictions():
     examples = [{"answer": a, "depth": d} for a, d in (("1", 0.05), ("2", 0.3), ("3", 0.55), ("4", 0.95))]
     fig = accuracy_by_depth_figure(fake_rows(), examples, "lagkv/chunked", 0.5, bins=2)
-    assert [t.name for t in fig.data] == ["base", "lrsa"]
+    assert [t.name for t in fig.data] == ["base model", "LRSA fine-tune"]
     assert list(fig.data[0].y) == [0.5, 0.5]  # "1" right in bin 0, "4" right in bin 1
     full = accuracy_by_depth_figure(fake_rows(), examples, "full", 1.0, bins=4)
     assert list(full.data[0].y) == [1.0, 1.0, 0.0, 0.0]
@@ -72,3 +77,63 @@ def test_committed_results_plot():
     test = read_jsonl(ROOT / results["data"]["path"]) if (ROOT / results["data"]["path"]).exists() else None
     if test is not None and len(test) == results["data"]["n"]:
         accuracy_by_depth_figure(results["rows"], test, "lagkv/chunked", 0.125)
+
+
+def test_compression_label():
+    assert compression_label(0.542) == "54% kept (1.8x)" and compression_label(0.199) == "20% kept (5.0x)"
+    with pytest.raises(ValueError, match="kv_fraction must be in"):
+        compression_label(0.0)
+
+
+@pytest.mark.parametrize("prediction, kind", [
+    ("4821", "correct"), ("4827", "near miss"), ("3390", "another planted value"), ("8888888888888888", "repeated digits"),
+    ("41111111", "repeated digits"), ("40900000", "repeated digits"), ("29000", "wrong length"),
+    ("48211", "wrong length"), ("Kevin", "other"),
+    ("4", "wrong length"), ("", "other")])
+def test_error_kinds(prediction, kind):
+    assert error_kind(prediction, "4821", others=["3390", "7712"]) == kind
+
+
+def test_error_breakdown_and_figure():
+    counts = error_breakdown(["4821", "4822", "9999999"], ["4821", "4821", "4821"])
+    assert list(counts) == list(ERROR_KINDS) and counts["correct"] == counts["near miss"] == counts["repeated digits"] == 1
+    assert sum(counts.values()) == 3
+    fig = error_breakdown_figure({"a": counts, "b": counts})
+    assert [t.name for t in fig.data] == list(ERROR_KINDS) and list(fig.data[0].x) == [1, 1]
+    with pytest.raises(ValueError, match="one entry per example"):
+        error_breakdown(["1"], ["1", "2"])
+
+
+def fake_summary():
+    out = []
+    for ctx in (4000, 8000):
+        for model, base in (("full", 0.8), ("lrsa", 0.9)):
+            out.append(dict(task="multi_key", context_tokens=ctx, model=model, setting="full", ratio=1.0,
+                            metric="exact_match", mean=base, std=0.02, kv_fraction=1.0, n_seeds=3, n_per_seed=100))
+            for r, kv in ((0.5, 0.55), (0.25, 0.31)):
+                for setting in ("lagkv/chunked", "snapkv/chunked"):
+                    out.append(dict(task="multi_key", context_tokens=ctx, model=model, setting=setting, ratio=r,
+                                    metric="exact_match", mean=base * r, std=0.05, kv_fraction=kv, n_seeds=3,
+                                    n_per_seed=100))
+    return out
+
+
+def test_suite_task_figure_has_error_bars_at_the_measured_fraction():
+    fig = suite_task_figure(fake_summary(), "multi_key")
+    assert len(fig.data) == 2 * 2 * 2  # contexts x models x (lagkv chunked, snapkv chunked)
+    lrsa = [t for t in fig.data if t.name.startswith("LRSA fine-tune, LagKV, chunk")][0]
+    assert list(lrsa.x) == [1.0, 0.55, 0.31] and list(lrsa.y) == pytest.approx([0.9, 0.45, 0.225])
+    assert list(lrsa.error_y.array) == [0.02, 0.05, 0.05]
+    assert {t.visible for t in fig.data if "SnapKV" in t.name} == {"legendonly"}
+    assert sum(t.showlegend for t in fig.data) == 4, "one legend entry per model and setting"
+    with pytest.raises(ValueError, match="no summary rows"):
+        suite_task_figure(fake_summary(), "frequent_word")
+
+
+def test_prose_loss_figure():
+    prose = [{"model": m, "seed": s, "loss": 2.0 + 0.1 * s + (m == "lrsa")} for m in ("base", "lrsa") for s in (0, 1, 2)]
+    fig = prose_loss_figure(prose)
+    bars = [t for t in fig.data if t.type == "bar"]
+    assert [b.y[0] for b in bars] == pytest.approx([2.1, 3.1]) and bars[0].error_y.array[0] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="no prose"):
+        prose_loss_figure([])

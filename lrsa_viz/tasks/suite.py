@@ -30,7 +30,7 @@ import gzip
 import json
 import math
 import os
-import shlex
+import re
 import statistics
 import sys
 import time
@@ -457,7 +457,8 @@ class Worker:
         import torch
 
         peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if self.device.type == "cuda" else None
-        return {"rows": rows, "answers": [ex["answer"] for ex in examples],
+        others = [[v for n in ex["needles"] if not n["asked"] for v in re.findall(r"\d+", n["text"])] for ex in examples]
+        return {"rows": rows, "answers": [ex["answer"] for ex in examples], "others": others,
                 "depths": [ex["depth"] for ex in examples], "max_new_tokens": answer_tokens + 3,
                 "batch_size": max(1, c.eval_batch_tokens // prompt_tokens), "peak_gpu_memory_gib": peak}
 
@@ -500,7 +501,8 @@ def collect(work: Work, out_dir: str | Path, name: str, command: str | None = No
                 preds = row.pop("predictions")
                 rows.append(row)
                 predictions.append({k: row[k] for k in ("task", "context_tokens", "seed", "model", "setting", "ratio")}
-                                   | {"predictions": preds, "answers": payload["answers"], "depths": payload["depths"]})
+                                   | {"predictions": preds, "answers": payload["answers"], "depths": payload["depths"],
+                                      "others": payload.get("others")})
         elif kind == "prose":
             prose.append({k: payload[k] for k in ("seed", "model", "loss", "tokens", "perplexity", "passages")})
         elif kind == "train":
