@@ -98,3 +98,60 @@ def test_prefix_agreement_and_answer_figure():
     assert [t.name for t in fig.data] == ["lagkv", "streaming"]
     assert list(fig.data[0].x) == ["r=0.5", "r=0.25"] and list(fig.data[0].y) == [1.0, 0.5]
     assert list(fig.data[1].y) == [0.0, 0.25]
+
+
+def test_kept_fraction_figure_is_eq12_over_n():
+    from lrsa_viz.viz.compression import CacheGrowth, kept_fraction_figure
+    configs = [LagConfig(3, 8, 0.5), LagConfig(3, 8, 0.25)]
+    k, v = random_kv(n=100)
+    measured = [measure_cache_growth(k, v, c) for c in configs]
+    point = CacheGrowth(configs[1], "lagkv, after a prompt", [57], [configs[1].retained_length(57)], [0], 1)
+    fig = kept_fraction_figure(configs, 300, measured + [point, point], mark_lengths=[57, 57, 90])
+    theory = [t for t in fig.data if t.meta["kind"] == "theory"]
+    limits = [t for t in fig.data if t.meta["kind"] == "limit"]
+    dots = [t for t in fig.data if t.meta["kind"] == "measured"]
+    assert len(theory) == 2 and len(limits) == 2 and len(dots) == 4
+    for t, c in zip(theory, configs):
+        for n, y in zip(t.x, t.y):
+            assert y == pytest.approx(100 * c.retained_length(n) / n)
+        assert t.y[-1] > 100 * c.top_k / c.lag_size, "eq. 12 / n stays above its limit"
+    assert list(limits[1].y) == [25.0, 25.0]
+    for t, g in zip(dots, measured):
+        assert list(t.y) == pytest.approx([100 * s / n for s, n in zip(g.stored, g.seen)])
+    assert [t.showlegend for t in dots[2:]] == [True, False], "one legend entry per kind of measurement"
+    assert len([s for s in fig.layout.shapes if s.type == "line"]) == 2, "each marked length once"
+    assert fig.layout.yaxis.title.text.startswith("kept fraction")
+    with pytest.raises(ValueError, match="max_length"):
+        kept_fraction_figure(configs, 0)
+
+
+def test_answer_views_show_the_changed_word():
+    from lrsa_viz.viz.generation import (Answer, answer_comparison_figure, answer_correctness_figure, answer_diff_view,
+                                         common_prefix, kept_share)
+    assert common_prefix("is called a cache.", "is called a memory.") == len("is called a ")
+    assert common_prefix("a cache", "a car") == 2, "cut back to the start of the differing word"
+    assert common_prefix("same", "same") == 4 and common_prefix("abc", "xyz") == 0
+    full = Answer("full", None, [1, 2, 3, 4], "called a cache.", 1000, 100)
+    answers = [Answer("lagkv", 0.5, [1, 2, 3, 4], "called a cache.", 700, 67),
+               Answer("lagkv", 0.25, [1, 2, 3, 9], "called a <memory>.", 500, 50),
+               Answer("streaming", 0.5, [1, 2, 3, 9], "called a memory.", 700, 67),
+               Answer("streaming", 0.25, [5], "Cache it", 500, 50)]
+    assert kept_share(answers[0], full) == 0.67 and kept_share(Answer("x", 1, [], "", 0), full) is None
+    assert answers[3].contains("cache") and not answers[2].contains("cache")
+    fig = answer_comparison_figure(answers, full, expected="cache")
+    assert list(fig.data[0].text) == ["✓", "✗"] and list(fig.data[1].text) == ["✗", "✓"]
+    assert list(fig.layout.xaxis.ticktext) == ["r=0.5<br>cache holds 67%", "r=0.25<br>cache holds 50%"]
+    assert "measured share" in fig.layout.xaxis.title.text
+    view = answer_diff_view(answers, full, "cache", title="Q")
+    assert "&lt;memory&gt;." in view.html and "<memory>" not in view.html, "answers are escaped"
+    assert "<span style='background:#fde2a7'>&lt;memory&gt;.</span>" in view.html
+    assert view.html.count("<tr>") == 1 + 1 + len(answers) and "67%" in view.html and "75%" in view.html
+    rows = [("Q1", "cache", full, answers), ("Q2", "called", full, answers)]
+    grid = answer_correctness_figure(rows)
+    assert list(grid.data[0].x) == ["full cache", "lagkv r=0.5", "lagkv r=0.25", "streaming r=0.5", "streaming r=0.25"]
+    assert list(grid.data[0].z[0]) == [1, 1, 0, 0, 1]
+    assert list(grid.data[0].z[1]) == [1, 1, 1, 1, 0]
+    with pytest.raises(ValueError, match="same"):
+        answer_correctness_figure([("Q1", "x", full, answers), ("Q2", "x", full, answers[:2])])
+    with pytest.raises(ValueError, match="at least one"):
+        answer_correctness_figure([])

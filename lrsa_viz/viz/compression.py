@@ -46,6 +46,10 @@ class CacheGrowth:
         """METHOD eq. 12 at each measured point: ``config.retained_length(seen)``."""
         return [self.config.retained_length(n) for n in self.seen]
 
+    def kept_fraction(self) -> list[float]:
+        """Stored / seen after each step: the share of a dense cache this cache really holds."""
+        return [s / n for s, n in zip(self.stored, self.seen)]
+
 
 def kv_bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
     """Bytes that one token's keys and values occupy in a KV cache: 2 * layers * H_kv * d * element size."""
@@ -180,4 +184,64 @@ def compression_curve_figure(
     fig.update_yaxes(title_text="tokens", row=1, col=1)
     fig.update_yaxes(title_text="MiB", row=1, col=2)
     fig.update_layout(title=title, height=450, legend=dict(orientation="h", y=-0.25))
+    return fig
+
+
+def kept_fraction_figure(
+    configs: Sequence[LagConfig],
+    max_length: int,
+    measured: Sequence[CacheGrowth] = (),
+    *,
+    mark_lengths: Sequence[int] = (),
+    title: str = "The share of a dense cache that LagKV really keeps approaches r only for long inputs",
+) -> go.Figure:
+    """Kept fraction (tokens stored / tokens seen, = bytes against a dense cache) against tokens seen.
+
+    Eq. 12 over n: ``(S + int(r L)(P - 1) + L + rem) / n``. The sink, the last full partition (no reference yet)
+    and the remainder are kept whole, so below a few thousand tokens the fraction sits far above r; it tends to
+    ``int(r L) / L`` as n grows.
+    Args:
+        configs: the (S, L, r) to draw (one line each, with a dotted line at ``int(r L) / L``).
+        max_length: longest n on the x axis (>= 1).
+        measured: `CacheGrowth` records drawn as markers (``stored / seen``).
+        mark_lengths: prompt lengths to mark with vertical lines (e.g. the prompts of a notebook).
+    Returns:
+        go.Figure: per config a theory line (``meta = {"kind": "theory", ...}``) and its limit (``"limit"``), then the
+        measurements (``"measured"``); y in % of the dense cache.
+    """
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"max_length must be an integer >= 1, got {max_length!r}")
+    stride = max(1, max_length // 2000)
+    lengths = list(range(1, max_length + 1, stride))
+    if lengths[-1] != max_length:
+        lengths.append(max_length)
+    palette = ["#1f77b4", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
+    fig = go.Figure()
+    for i, cfg in enumerate(configs):
+        colour = palette[i % len(palette)]
+        frac = [100 * cfg.retained_length(n) / n for n in lengths]
+        fig.add_trace(go.Scatter(x=lengths, y=frac, mode="lines", name=f"eq. 12 / n: {_label(cfg)}", legendgroup=_label(cfg),
+                                 line=dict(color=colour), meta={"kind": "theory", "config": cfg.to_dict()},
+                                 hovertemplate="n=%{x}: keeps %{y:.1f}%<extra></extra>"))
+        limit = 100 * cfg.top_k / cfg.lag_size
+        fig.add_trace(go.Scatter(x=[lengths[0], lengths[-1]], y=[limit, limit], mode="lines", legendgroup=_label(cfg),
+                                 name=f"limit int(rL)/L = {limit:.1f}%", line=dict(color=colour, dash="dot"),
+                                 meta={"kind": "limit", "config": cfg.to_dict()}, hoverinfo="skip"))
+    named = set()
+    for g in measured:
+        colour = palette[list(configs).index(g.config) % len(palette)] if g.config in configs else "black"
+        name = f"measured ({g.policy}): {_label(g.config)}"
+        fig.add_trace(go.Scatter(x=g.seen, y=[100 * f for f in g.kept_fraction()], mode="markers",
+                                 name=name, legendgroup=_label(g.config), showlegend=name not in named,
+                                 marker=dict(color=colour, symbol="circle-open", size=8),
+                                 meta={"kind": "measured", "config": g.config.to_dict()},
+                                 hovertemplate="n=%{x}: the cache holds %{y:.1f}%<extra>measured</extra>"))
+        named.add(name)
+    for i, n in enumerate(sorted(set(mark_lengths))):
+        fig.add_vline(x=n, line=dict(color="grey", dash="dash", width=1))
+        fig.add_annotation(x=n, y=100, yref="y", text=f"{n} tokens", showarrow=False, yshift=10 + 14 * (i % 3),
+                           font=dict(size=10, color="grey"))
+    fig.update_layout(title=title, height=450, xaxis_title="tokens seen n",
+                      yaxis=dict(title="kept fraction: % of a dense cache's tokens (= bytes)", range=[0, 105]),
+                      legend=dict(orientation="h", y=-0.25))
     return fig

@@ -3,17 +3,27 @@
 Region of a (query q, key t) pair with t <= q, for q in partition k (METHOD §3):
 sink (t < S) · selected (partition <= k - 2, kept by LagKV) · evicted (partition <= k - 2, not kept) ·
 lagging window (partition k - 1) · own partition (partition k, causal). Keys t > q are "future".
+
+Also here: partition-indexed axes (`partition_ticks`, `add_partition_grid`), the prefill storyboard (what a real
+recursive `LagKVCache` holds while each chunk is read, beside the mask rows of that chunk's queries:
+`prefill_steps`, `prefill_storyboard_figure`) and the dense attention mass the mask hides (`hidden_attention_mass`,
+`hidden_mass_figure`). The LRSA mask is this project's reconstruction of LRSA (arXiv 2506.11498) from LagKV's
+chunk-by-chunk prefill (arXiv 2504.04704, §4.3): docs/METHOD.md §3.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
+import dataclasses
+
 import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
+from ..cache import LagKVCache
 from ..config import LagConfig
 from ..mask import partition_index
+from ..prefill import prefill_chunks
 from .cells import MAX_CELLS, check_max_cells, hover_safe, pool_blocks, pool_factor
 
 #: Region codes of `mask_regions`, in order; the visible ones are SINK, SELECTED, LAGGING and OWN.
@@ -79,6 +89,56 @@ def pooled_visibility(kept: torch.Tensor, config: LagConfig, start: int, stop: i
     return rows / (heights[:, None] * widths[None, :])
 
 
+def partition_ticks(config: LagConfig, start: int, stop: int, max_labels: int = 16) -> tuple[list[float], list[str], list[int]]:
+    """Axis ticks that name the partitions of the positions [start, stop).
+
+    Returns:
+        (tick positions: the centre of each partition's part inside the window, tick labels ``"sink<br>0"``,
+        ``"p0<br>4"``, ``"p1<br>20"``, ... (partition name, then its first position), boundaries: every position in
+        (start, stop) where a partition starts). With more than ``max_labels`` partitions only every m-th is labelled.
+    """
+    if not 0 <= start < stop:
+        raise ValueError(f"start, stop must satisfy 0 <= start < stop, got {start}, {stop}")
+    s, lag = config.sink_size, config.lag_size
+    spans = [("sink", 0, s)] if s > 0 else []
+    j = 0
+    while s + j * lag < stop:
+        spans.append((f"p{j}", s + j * lag, s + (j + 1) * lag))
+        j += 1
+    spans = [(name, a, b) for name, a, b in spans if b > start]
+    step = max(1, -(-len(spans) // max_labels))
+    vals, text = [], []
+    for i, (name, a, b) in enumerate(spans):
+        if i % step == 0:
+            lo, hi = max(a, start), min(b, stop)
+            vals.append((lo + hi - 1) / 2)
+            text.append(f"{name}<br>{a}")
+    bounds = [a for _, a, _ in spans if start < a < stop]
+    return vals, text, bounds
+
+
+def add_partition_grid(
+    fig: go.Figure, config: LagConfig, start: int, stop: int, *, row: int | None = None, col: int | None = None,
+    x: bool = True, y: bool = True, max_lines: int = 64,
+) -> go.Figure:
+    """Label the x (keys) and/or y (queries) axis of a heatmap over positions [start, stop) by partition, and draw
+    a thin line at every partition boundary (up to ``max_lines`` per axis). Returns ``fig`` (changed in place)."""
+    vals, text, bounds = partition_ticks(config, start, stop)
+    where = {} if row is None else dict(row=row, col=col)
+    line = dict(color="rgba(0,0,0,0.35)", width=1)
+    if x:
+        fig.update_xaxes(tickvals=vals, ticktext=text, tickangle=0, **where)
+        if len(bounds) <= max_lines:
+            for b in bounds:
+                fig.add_vline(x=b - 0.5, line=line, **where)
+    if y:
+        fig.update_yaxes(tickvals=vals, ticktext=text, **where)
+        if len(bounds) <= max_lines:
+            for b in bounds:
+                fig.add_hline(y=b - 0.5, line=line, **where)
+    return fig
+
+
 def _discrete_colourscale(colours: Sequence[str]) -> list:
     n = len(colours)
     scale = []
@@ -95,6 +155,7 @@ def lrsa_mask_figure(
     window: tuple[int, int] | None = None,
     max_cells: int = MAX_CELLS,
     title: str | None = None,
+    partition_axes: bool = True,
 ) -> go.Figure:
     """The LRSA mask of one layer and KV head, coloured by region.
 
@@ -103,6 +164,7 @@ def lrsa_mask_figure(
         window: draw queries and keys in [start, stop) only (default: all N).
         max_cells: if the window has more cells, the mask is pooled in f x f blocks and each cell shows the
             fraction of visible pairs (regions are then not distinguished; the title says so).
+        partition_axes: label both axes by partition (index and positions) and draw the partition boundaries.
     Returns:
         go.Figure with one heatmap: z = region codes (int) [Q, K], or fractions in [0, 1] when pooled.
     """
@@ -137,9 +199,12 @@ def lrsa_mask_figure(
     c = config
     fig.update_layout(
         title=(title or f"LRSA mask (S={c.sink_size}, L={c.lag_size}, r={c.ratio:g})") + note,
-        xaxis=dict(title="key position", constrain="domain"),
-        yaxis=dict(title="query position", autorange="reversed", scaleanchor="x"), height=600,
+        xaxis=dict(title="key position (partition, its first position)" if partition_axes else "key position",
+                   constrain="domain"),
+        yaxis=dict(title="query position", autorange="reversed", scaleanchor="x"), height=700,
     )
+    if partition_axes:
+        add_partition_grid(fig, config, start, stop)
     return fig
 
 
@@ -169,14 +234,19 @@ def attention_comparison_figure(
     window: tuple[int, int] | None = None,
     max_cells: int = MAX_CELLS,
     title: str = "Dense vs LRSA attention",
+    config: LagConfig | None = None,
+    mark_keys: Sequence[int] = (),
 ) -> go.Figure:
     """Two attention maps of one head side by side (queries x keys), on one colour scale.
 
     Args:
         dense, sparse: [N, N] attention probabilities (e.g. `attention_probabilities` with a causal and an LRSA mask).
         window: draw [start, stop) of both axes only; max_cells: cap per panel (block-mean pooling beyond).
+        config: if given, the axes are labelled by partition and the partition boundaries drawn.
+        mark_keys: key positions to outline in both panels (e.g. the dense map's bright column that LRSA hides).
     Returns:
-        go.Figure with two heatmaps; colour = probability ** 0.5 so that small weights stay visible.
+        go.Figure with two heatmaps; colour = probability ** 0.5 so that small weights stay visible. Marked keys are
+        layout shapes (``name = "marked key <t>"``) with an annotation, not traces.
     """
     if dense.shape != sparse.shape or dense.ndim != 2:
         raise ValueError(f"dense and sparse must be [N, N] of one shape, got {tuple(dense.shape)}, {tuple(sparse.shape)}")
@@ -199,4 +269,216 @@ def attention_comparison_figure(
     fig.update_yaxes(title_text="query position", autorange="reversed", row=1, col=1)
     note = f" — pooled {factor}x{factor} (block mean)" if factor > 1 else ""
     fig.update_layout(title=title + note, height=520)
+    if config is not None:
+        for col in (1, 2):
+            add_partition_grid(fig, config, start, stop, row=1, col=col, y=col == 1)
+        fig.update_xaxes(title_text="key position (partition)")
+    for t in mark_keys:
+        t = int(t)
+        if not start <= t < stop:
+            raise ValueError(f"mark_keys must be positions in the window [{start}, {stop}), got {t}")
+        lo, hi = start + (t - start) // factor * factor - 0.5, start + ((t - start) // factor + 1) * factor - 0.5
+        for col in (1, 2):
+            fig.add_shape(type="rect", x0=lo, x1=hi, y0=max(t, start) - 0.5, y1=stop - 0.5, row=1, col=col,
+                          line=dict(color="#17becf", width=2), name=f"marked key {t}")
+        fig.add_annotation(x=(lo + hi) / 2, y=stop - 0.5, text=f"key {t}", showarrow=True, arrowhead=2, ay=30,
+                           font=dict(color="#17becf"), row=1, col=1)
+    return fig
+
+
+# ------------------------------------------------------------------------------------------- hidden attention mass
+def hidden_attention_mass(probs: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """Attention mass of each query on the keys a mask hides.
+
+    Args:
+        probs: [Q, N] attention probabilities of a dense (causal) head, rows summing to 1.
+        visible: [Q, N] bool, the mask (e.g. LRSA) whose hidden keys we weigh.
+    Returns:
+        [Q] float32 in [0, 1]: ``sum_t probs[q, t] * (not visible[q, t])``.
+    """
+    if probs.ndim != 2 or visible.shape != probs.shape or visible.dtype != torch.bool:
+        raise ValueError(f"probs [Q, N] float and visible [Q, N] bool of one shape expected, got "
+                         f"{tuple(probs.shape)} {probs.dtype}, {tuple(visible.shape)} {visible.dtype}")
+    return (probs.float() * (~visible).float()).sum(-1)
+
+
+def hidden_mass_figure(
+    hidden_mass: torch.Tensor,
+    config: LagConfig,
+    hidden_key_fraction: torch.Tensor | None = None,
+    *,
+    title: str = "Dense attention that the LRSA mask hides, per query",
+) -> go.Figure:
+    """Per query position: the dense attention mass on keys LRSA hides, and (optionally) the fraction of its causal
+    keys that LRSA hides — the gap between the two lines is what LagKV's choice of tokens is worth.
+
+    Args:
+        hidden_mass: [N] (`hidden_attention_mass`); hidden_key_fraction: [N] hidden keys / (q + 1).
+    Returns:
+        go.Figure: trace 0 = hidden mass, trace 1 = mean hidden mass per partition (steps), trace 2 = hidden key
+        fraction if given; x = query position labelled by partition, y in % (0-100).
+    """
+    n = hidden_mass.numel()
+    if hidden_mass.ndim != 1 or n == 0:
+        raise ValueError(f"hidden_mass must be a non-empty [N] tensor, got shape {tuple(hidden_mass.shape)}")
+    if hidden_key_fraction is not None and hidden_key_fraction.shape != hidden_mass.shape:
+        raise ValueError(f"hidden_key_fraction must be [N] like hidden_mass, got {tuple(hidden_key_fraction.shape)}")
+    pos = torch.arange(n)
+    part = partition_index(pos, config)
+    mass = (100 * hidden_mass.float().cpu()).tolist()
+    fig = go.Figure(go.Scatter(x=pos.tolist(), y=mass, mode="lines+markers", marker=dict(size=4), name="hidden attention mass",
+                               hovertemplate="query %{x}: %{y:.1f}% of its dense attention is on hidden keys<extra></extra>"))
+    xs, ys = [], []
+    for p in part.unique().tolist():
+        sel = (part == p).nonzero().flatten()
+        m = 100 * hidden_mass[sel].float().mean().item()
+        xs += [sel[0].item() - 0.5, sel[-1].item() + 0.5, None]
+        ys += [m, m, None]
+    fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line=dict(color="black", width=3), name="mean per partition",
+                             hoverinfo="skip"))
+    if hidden_key_fraction is not None:
+        fig.add_trace(go.Scatter(x=pos.tolist(), y=(100 * hidden_key_fraction.float().cpu()).tolist(), mode="lines",
+                                 line=dict(dash="dash", color="grey"), name="share of causal keys hidden",
+                                 hovertemplate="query %{x}: %{y:.0f}% of its keys are hidden<extra></extra>"))
+    fig.update_layout(title=title, height=420, legend=dict(orientation="h", y=-0.3),
+                      xaxis_title="query position (partition)", yaxis=dict(title="% (of attention, of keys)", range=[0, 100]))
+    add_partition_grid(fig, config, 0, n, y=False)
+    return fig
+
+
+# ------------------------------------------------------------------------------------------ the prefill storyboard
+@dataclasses.dataclass
+class PrefillStep:
+    """One chunk of chunk-by-chunk prefill, as one layer and KV head of a real recursive `LagKVCache` saw it.
+
+    Attributes:
+        chunk: 1-based chunk number: chunk 1 = the first S + 2L tokens, chunk c >= 2 = partition c (L tokens).
+        start, stop: the chunk's positions [start, stop).
+        before: [N] bool, positions stored when the chunk arrived.
+        after: [N] bool, positions stored after the chunk was used and the cache compressed.
+        tail_before, tail_after: first position of the uncompressed tail (not yet scored) before / after.
+    """
+
+    chunk: int
+    start: int
+    stop: int
+    before: torch.Tensor
+    after: torch.Tensor
+    tail_before: int
+    tail_after: int
+
+    @property
+    def used(self) -> torch.Tensor:
+        """[N] bool: the keys this chunk's queries attend to (stored before, plus the chunk itself; causally)."""
+        used = self.before.clone()
+        used[self.start:self.stop] = True
+        return used
+
+
+@torch.no_grad()
+def prefill_steps(keys: torch.Tensor, values: torch.Tensor, config: LagConfig, kv_head: int = 0) -> list[PrefillStep]:
+    """Feed one layer's K/V chunk by chunk (`prefill_chunks`) into a real recursive `LagKVCache` and record what it
+    holds before and after each chunk ("use, then compress").
+
+    Args:
+        keys, values: [H_kv, N, d] post-RoPE states of one layer (e.g. ``capture.keys[i]``).
+        kv_head: which KV head to record.
+    Returns:
+        One `PrefillStep` per chunk.
+    """
+    if keys.ndim != 3 or keys.shape != values.shape:
+        raise ValueError(f"keys and values must be [H_kv, N, d] of one shape, got {tuple(keys.shape)}, {tuple(values.shape)}")
+    if not 0 <= kv_head < keys.shape[0]:
+        raise ValueError(f"kv_head must be in [0, {keys.shape[0] - 1}], got {kv_head}")
+    n = keys.shape[1]
+    cache = LagKVCache(config, mode="recursive")
+    stored = torch.zeros(n, dtype=torch.bool)
+    tail = 0
+    steps = []
+    for c, (a, b) in enumerate(prefill_chunks(n, config), start=1):
+        cache.update(keys[None, :, a:b], values[None, :, a:b], 0)
+        after = torch.zeros(n, dtype=torch.bool)
+        after[cache.kept_positions(0)[0, kv_head].cpu()] = True
+        layer = cache.layers[0]
+        steps.append(PrefillStep(c, a, b, stored, after, tail, layer.tail_start))
+        stored, tail = after, steps[-1].tail_after
+    return steps
+
+
+def _cache_codes(stored: torch.Tensor, tail: int, seen: int, new: tuple[int, int] | None, sink: int, width: int) -> list[int]:
+    """Region codes of a cache strip: sink / selected (compressed, kept) / evicted / lagging (uncompressed tail) /
+    own (the chunk being read) / future (not fed yet)."""
+    out = []
+    for t in range(width):
+        if new is not None and new[0] <= t < new[1]:
+            out.append(OWN)
+        elif t >= seen:
+            out.append(FUTURE)
+        elif t < sink:
+            out.append(SINK)
+        elif not bool(stored[t]):
+            out.append(EVICTED)
+        else:
+            out.append(LAGGING if t >= tail else SELECTED)
+    return out
+
+
+def prefill_storyboard_figure(
+    steps: Sequence[PrefillStep],
+    kept: torch.Tensor,
+    config: LagConfig,
+    chunks: Sequence[int] = (2, 3, 4),
+    tokens: Sequence[str] | None = None,
+    *,
+    title: str = "Chunk-by-chunk prefill: the cache while each chunk is read, and the LRSA mask rows of that chunk",
+) -> go.Figure:
+    """For each chosen chunk: a cache strip (stored when the chunk arrives / attended by its queries / stored after
+    compressing) directly above the LRSA mask rows of the chunk's queries, on one key axis.
+
+    The point of the figure: the last mask row of a chunk is the "attended" strip, key for key, and every earlier
+    row is that strip cut causally — the mask is the cache, written down.
+    Args:
+        steps: from `prefill_steps`; kept: [N] one-shot keep mask of the same layer and KV head (`keep_mask`).
+        chunks: 1-based chunk numbers to draw.
+    Returns:
+        go.Figure with 2 heatmaps per chunk (strip: 3 x K, mask rows: chunk length x K), region codes as in
+        `mask_regions`; K = end of the last drawn chunk. Trace ``meta`` = {"chunk": c, "panel": "cache" | "mask"}.
+    """
+    by_chunk = {s.chunk: s for s in steps}
+    if not chunks or any(c not in by_chunk for c in chunks):
+        raise ValueError(f"chunks must be chunk numbers in {sorted(by_chunk)}, got {list(chunks)}")
+    width = max(by_chunk[c].stop for c in chunks)
+    keys = torch.arange(width)
+    rows = 2 * len(chunks)
+    heights = [w for _ in chunks for w in (0.07, 0.26)]
+    fig = make_subplots(rows=rows, cols=1, shared_xaxes=True, row_heights=heights, vertical_spacing=0.025,
+                        subplot_titles=[t for c in chunks for t in (f"chunk {c} (positions {by_chunk[c].start}–"
+                                                                    f"{by_chunk[c].stop - 1}): the cache", "")])
+    common = dict(zmin=-0.5, zmax=len(REGION_NAMES) - 0.5, colorscale=_discrete_colourscale(REGION_COLOURS))
+    tok = [hover_safe(tokens[t]) if tokens is not None else "" for t in range(width)]
+    for i, c in enumerate(chunks):
+        s = by_chunk[c]
+        strip = [
+            _cache_codes(s.before, s.tail_before, s.start, None, config.sink_size, width),
+            _cache_codes(s.before, s.tail_before, s.start, (s.start, s.stop), config.sink_size, width),
+            _cache_codes(s.after, s.tail_after, s.stop, None, config.sink_size, width),
+        ]
+        labels = ["stored when it arrives", "attended by its queries", "stored after compressing"]
+        names = [[REGION_NAMES[x] for x in row] for row in strip]
+        fig.add_trace(go.Heatmap(z=strip, x=keys.tolist(), y=labels, text=names, customdata=[tok] * 3, showscale=i == 0,
+                                 colorbar=dict(tickvals=list(range(len(REGION_NAMES))), ticktext=list(REGION_NAMES),
+                                               title="region"),
+                                 hovertemplate="%{y}: key %{x} '%{customdata}'<br>%{text}<extra></extra>",
+                                 meta={"chunk": c, "panel": "cache"}, **common), row=2 * i + 1, col=1)
+        regions = mask_regions(kept, config, torch.arange(s.start, s.stop), keys)
+        fig.add_trace(go.Heatmap(z=regions.tolist(), x=keys.tolist(), y=list(range(s.start, s.stop)), showscale=False,
+                                 text=[[REGION_NAMES[x] for x in row] for row in regions.tolist()], customdata=[tok] * (s.stop - s.start),
+                                 hovertemplate="query %{y} → key %{x} '%{customdata}'<br>%{text}<extra></extra>",
+                                 meta={"chunk": c, "panel": "mask"}, **common), row=2 * i + 2, col=1)
+        fig.update_yaxes(autorange="reversed", title_text="query", row=2 * i + 2, col=1)
+        fig.update_yaxes(autorange="reversed", row=2 * i + 1, col=1)
+        add_partition_grid(fig, config, 0, width, row=2 * i + 2, col=1, y=False)
+        add_partition_grid(fig, config, 0, width, row=2 * i + 1, col=1, y=False)
+    fig.update_xaxes(title_text="key position (partition, its first position)", row=rows, col=1)
+    fig.update_layout(title=title, height=300 * len(chunks) + 120)
     return fig
