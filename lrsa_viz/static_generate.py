@@ -167,7 +167,17 @@ def compiled_decode_step(mode: str = "reduce-overhead", dynamic: bool | None = F
 
     allow_recompiles()
     options = {} if backend != "inductor" else {"mode": mode}
-    return torch.compile(decode_step, fullgraph=True, dynamic=dynamic, backend=backend, **options)
+    compiled = torch.compile(decode_step, fullgraph=True, dynamic=dynamic, backend=backend, **options)
+    if not dynamic:
+        return compiled
+
+    def step(model, tokens, cache):
+        # dynamic=True would also make the model's float constants (eps, scaling) graph inputs: fresh CPU scalar
+        # tensors every call, copied to the GPU each step and re-recording the CUDA graphs (measured: ~0.7 s a step)
+        with torch._dynamo.config.patch(specialize_float=True):
+            return compiled(model, tokens, cache)
+
+    return step
 
 
 def greedy_decode(model: PreTrainedModel, cache, tokens: torch.Tensor, steps: int, *, compile: bool = False,
@@ -183,6 +193,8 @@ def greedy_decode(model: PreTrainedModel, cache, tokens: torch.Tensor, steps: in
     step = step_fn or (compiled_decode_step() if compile else decode_step)
     out = torch.empty(tokens.shape[0], steps, dtype=tokens.dtype, device=tokens.device)
     graphs = tokens.is_cuda and step is not decode_step
+    # fresh [B, 1] strides (a slice like out[:, -1:] keeps its parent's): a compiled step would recompile for them
+    tokens = torch.empty(tokens.shape, dtype=tokens.dtype, device=tokens.device).copy_(tokens)
     with torch.no_grad():
         for i in tqdm(range(steps), desc="decode", disable=not progress):
             if graphs:

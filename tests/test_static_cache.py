@@ -307,7 +307,8 @@ def test_inference_benchmark_smoke(tmp_path):
     finally:
         sys.path.pop(0)
     out = tmp_path / "smoke.json"
-    assert bench_inference.main(["--smoke", "--out", str(out)]) == 0
+    modes = "full_cache_sdpa,full_cache_buffer,lagkv_cache_fast_lrsa"
+    assert bench_inference.main(["--smoke", "--out", str(out), "--modes", modes]) == 0
     result = json.loads(out.read_text())
     assert result["command"].startswith("PYTHONPATH=. python3 benchmarks/bench_inference.py --smoke")
     assert result["environment"]["torch"] == torch.__version__ and result["gpu"] == "cpu"
@@ -322,6 +323,9 @@ def test_inference_benchmark_smoke(tmp_path):
         assert row["lagkv_cache_fast_lrsa"]["eq12_after_prefill"] == LagConfig(4, 16, 0.25).retained_length(150)
     assert result["inference"]["fit"]["max_batch_lagkv"] > result["inference"]["fit"]["max_batch_full"]
     assert result["inference"]["check"]["tokens_equal"]
+    assert set(rows[0]["decode_speedup_by_mode"]) == {"full_cache_sdpa", "full_cache_buffer"}
+    with pytest.raises(ValueError, match="--modes"):
+        bench_inference.main(["--smoke", "--out", str(out), "--modes", "full_cache_sdpa"])
     for kernels in result["inference"]["kernels"]:
         for side in ("full", "lagkv"):
             assert set(kernels[side]) == set(KERNELS)
