@@ -361,3 +361,31 @@ def test_cuda_eager_decode_never_syncs():
             greedy_decode(m, cache, first, 39)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+# -------------------------------------------------------------------------------------------------------- figures
+def test_inference_figures(tmp_path):
+    import plotly.graph_objects as go
+    from lrsa_viz.fast.inference_figures import (decode_cost_figure, inference_rows, llama_weight_bytes,
+                                                 measured_decode_figure)
+
+    assert llama_weight_bytes() == 269_030_016  # SmolLM2-135M in bf16: 134.5M parameters (tied embedding)
+    fig = decode_cost_figure([4096, 16384, 32768], LagConfig(), batch=16)
+    assert isinstance(fig, go.Figure) and len(fig.data) == 5
+    assert fig.layout.xaxis.title.text == "context length (tokens)" and fig.layout.yaxis.title.text == "bytes per step"
+    full, lag = fig.data[0].y, fig.data[2].y
+    assert all(f > x for f, x in zip(full, lag))  # LagKV reads fewer bytes at every length
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_inference
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "smoke.json"
+    bench_inference.main(["--smoke", "--out", str(out), "--kernel-bench", "0", "--check-steps", "0"])
+    result = json.loads(out.read_text())
+    rows = inference_rows(result)
+    assert {r["mode"] for r in rows} == {"full_cache_sdpa", "lagkv_cache_fast_lrsa"} and len(rows) == 4
+    fig = measured_decode_figure(result)
+    assert len(fig.data) == 4 + 2 and fig.layout.yaxis.title.text == "generated tokens/s (all sequences)"
+    with pytest.raises(ValueError, match="no measured inference rows"):
+        measured_decode_figure({"inference": {"rows": []}})
