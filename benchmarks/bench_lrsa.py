@@ -23,8 +23,9 @@ with partitions); the JSON's "kernel" records what was chosen and why:
   profile_training  torch.profiler of one training step at 8k x 4, dense vs fast LRSA (GPU busy, host syncs);
   training     a full SmolLM2-shaped training step (random init, AdamW): tokens/s, peak memory and host syncs per
                step (CUDA sync debug mode), dense SDPA vs fast LRSA with each kernel, at 8k x 4, 16k x 2, 32k x 1;
-  inference    prefill time, KV-cache bytes and decode tokens/s at batch 1 and 16: full cache (SDPA) vs the
-               compressed LagKVCache (fast-LRSA prefill, decoding over the compressed cache).
+  inference    benchmarks/bench_inference.py: prefill, decode tokens/s, KV bytes, bandwidth fraction and host
+               syncs per step, transformers' StaticCache (compiled, CUDA graphs) vs the static LagKV cache (one LRSA
+               prefill, compiled decoding over the compressed buffers), 16k and 32k prompts, batch 1 to 64.
 """
 from __future__ import annotations
 
@@ -536,56 +537,17 @@ def model_level_check(cfg, kernel, n=2048, batch=2) -> dict:
 
 
 # -------------------------------------------------------------------------------------------------------- inference
-def kv_bytes(cache) -> int:
-    if isinstance(cache, LagKVCache):
-        return cache.nbytes()
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+def bench_inference(cases: str, cfg: LagConfig, new_tokens: int, result: dict) -> list[dict]:
+    """The inference section is benchmarks/bench_inference.py (transformers' StaticCache compiled with CUDA graphs vs
+    the static LagKV cache; see there): its rows here, its fit / kernels / eager-vs-compiled check beside them in
+    result["inference_details"]."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_inference as inference
 
-
-def bench_inference(prompt_len, batches, cfg, new_tokens) -> list[dict]:
-    from transformers import DynamicCache
-    model = smollm2_model().eval()
-    rows = []
-    for batch in batches:
-        ids = torch.randint(0, SMOLLM2["vocab_size"], (batch, prompt_len), device="cuda")
-        row = {"prompt_len": prompt_len, "batch": batch, "new_tokens": new_tokens}
-        for mode in ("full_cache_sdpa", "lagkv_cache_fast_lrsa"):
-            if mode == "full_cache_sdpa":
-                disable_lrsa(model)
-                make_cache = lambda: DynamicCache(config=model.config)  # noqa: E731
-            else:
-                enable_lrsa(model, cfg, backend="flex")
-                make_cache = lambda: LagKVCache(cfg)  # noqa: E731
-            with torch.no_grad():
-                for warm in (True, False):
-                    cache = make_cache()
-                    torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-                    torch.cuda.synchronize()
-                    prefill = time.perf_counter() - t0
-                    prefill_bytes = kv_bytes(cache)
-                    tok = logits[:, -1].argmax(-1, keepdim=True)
-                    steps = 8 if warm else new_tokens
-                    torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    for _ in range(steps):
-                        tok = model(input_ids=tok, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
-                    torch.cuda.synchronize()
-                    decode = time.perf_counter() - t0
-            row[mode] = {"prefill_s": prefill, "kv_bytes_after_prefill": prefill_bytes, "kv_bytes_after_decode": kv_bytes(cache),
-                         "decode_s": decode, "decode_tokens_per_s": batch * new_tokens / decode,
-                         "stored_tokens_layer0": int(cache.layers[0].keys.shape[-2])}
-            log(f"  infer b={batch} {mode}: {row[mode]}")
-            del cache
-            torch.cuda.empty_cache()
-        disable_lrsa(model)
-        full, comp = row["full_cache_sdpa"], row["lagkv_cache_fast_lrsa"]
-        row["kv_bytes_ratio"] = comp["kv_bytes_after_prefill"] / full["kv_bytes_after_prefill"]
-        row["decode_speedup"] = comp["decode_tokens_per_s"] / full["decode_tokens_per_s"]
-        row["prefill_speedup"] = full["prefill_s"] / comp["prefill_s"]
-        rows.append(row)
-    return rows
+    out = inference.run_inference(inference.parse_cases(cases), cfg, inference.inference_args(new_tokens=new_tokens),
+                                  torch.device("cuda"), torch.bfloat16, inference.SMOLLM2)
+    result["inference_details"] = {k: v for k, v in out.items() if k != "rows"}
+    return out["rows"]
 
 
 # ------------------------------------------------------------------------------------------------------------- main
@@ -617,8 +579,9 @@ def main(argv=None) -> int:
     ap.add_argument("--variant-lens", default=None, help="N of the variants section (default 8192)")
     ap.add_argument("--check-n", type=int, default=None, help="N of the correctness checks (default 4096)")
     ap.add_argument("--prompt-len", type=int, default=16384)
-    ap.add_argument("--decode-batches", default="1,16")
-    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--inference-cases", default="16384x1,16384x16,16384x64,32768x1,32768x16",
+                    help="prompt length x batch of the inference section (benchmarks/bench_inference.py --cases)")
+    ap.add_argument("--new-tokens", type=int, default=64, help="timed decode steps of the inference section")
     args = ap.parse_args(argv)
     smoke = args.smoke
     defaults = {"seq_lens": ("8192,16384,32768,65536,131072", "512"), "tokens": (131072, 1024),
@@ -676,8 +639,8 @@ def main(argv=None) -> int:
         "profile_decode": lambda: profile_decode(args.prompt_len, 16, LagConfig(16, 128, ratios[0])),
         "training": lambda: bench_training([tuple(int(x) for x in c.split("x")) for c in args.train_cases.split(",")],
                                            first, kernels),
-        "inference": lambda: bench_inference(args.prompt_len, [int(b) for b in args.decode_batches.split(",")],
-                                             LagConfig(16, 128, ratios[0]), args.new_tokens),
+        "inference": lambda: bench_inference(args.inference_cases, LagConfig(16, 128, ratios[0]), args.new_tokens,
+                                             result),
     }
     for name in sections:
         t0 = time.perf_counter()
@@ -720,8 +683,8 @@ def summarize(result: dict) -> None:
         log(f"variants {row}")
     for row in result.get("training", []) if isinstance(result.get("training"), list) else []:
         log(f"train {row}")
-    for row in result.get("inference", []) if isinstance(result.get("inference"), list) else []:
-        log(f"infer b={row['batch']}: kv ratio {row['kv_bytes_ratio']:.3f} decode speedup {row['decode_speedup']:.2f} "
+    for row in [r for r in result["inference"] if "decode_speedup" in r] if isinstance(result.get("inference"), list) else []:
+        log(f"infer N={row['prompt_len']} b={row['batch']}: kv ratio {row['kv_bytes_ratio']:.3f} decode speedup {row['decode_speedup']:.2f} "
             f"prefill speedup {row['prefill_speedup']:.2f}")
     log(f"wall {result.get('wall_s', 0):.0f} s; sections {result.get('section_wall_s')}")
 
