@@ -110,9 +110,34 @@ def main(argv: list[str] | None = None) -> int:
             result = run_part(part, gpu, workdir, workers)
             with lock:
                 results.append(result)
+                write_record()
                 print(f"[gpu {gpu}] {part}: {'PASS' if result['passed'] else 'FAIL'} in {result['wall_s']} s", flush=True)
 
     start = time.time()
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    command = "bash scripts/gpu_check.sh " + " ".join(sys.argv[1:] if argv is None else argv)
+
+    def write_record() -> dict:
+        """The record so far (called after every part, so that a run stopped at a time limit still leaves one)."""
+        import transformers
+
+        done = sorted(results, key=lambda r: parts.index(r["part"]))
+        record = {
+            "command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "gpus": gpu_names(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "transformers": transformers.__version__, "python": sys.version.split()[0],
+            "complete": len(done) == len(parts), "all_passed": len(done) == len(parts) and all(r["passed"] for r in done),
+            "not_finished": [p for p in parts if p not in {r["part"] for r in done}],
+            "wall_s": round(time.time() - start, 1), "jobs_per_gpu": max(1, args.jobs_per_gpu),
+            "parts": [{k: v for k, v in r.items() if k != "output_tail"} for r in done],
+        }
+        (out / "gpu_check.json").write_text(json.dumps(record, indent=1) + "\n")
+        (out / "gpu_check.log").write_text("".join(
+            f"==== {r['part']} (gpu {r['gpu']}, {r['wall_s']} s, {'PASS' if r['passed'] else 'FAIL'})\n{r['output_tail']}\n"
+            for r in done))
+        return record
+
     # convert the default model once before parts run side by side (each would otherwise convert it at the same time)
     subprocess.run([sys.executable, "-c", "from lrsa_viz import load_model; load_model(device='cpu')"], cwd=ROOT,
                    env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))},
@@ -122,24 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         t.start()
     for t in threads:
         t.join()
-    results.sort(key=lambda r: parts.index(r["part"]))
-    import transformers
-
-    record = {
-        "command": "bash scripts/gpu_check.sh " + " ".join(sys.argv[1:] if argv is None else argv),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "gpus": gpu_names(), "torch": torch.__version__, "cuda": torch.version.cuda,
-        "transformers": transformers.__version__, "python": sys.version.split()[0],
-        "all_passed": all(r["passed"] for r in results), "wall_s": round(time.time() - start, 1),
-        "jobs_per_gpu": max(1, args.jobs_per_gpu),
-        "parts": [{k: v for k, v in r.items() if k != "output_tail"} for r in results],
-    }
-    out = Path(args.results)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_check.json").write_text(json.dumps(record, indent=1) + "\n")
-    (out / "gpu_check.log").write_text("".join(f"==== {r['part']} (gpu {r['gpu']}, {r['wall_s']} s, "
-                                               f"{'PASS' if r['passed'] else 'FAIL'})\n{r['output_tail']}\n"
-                                               for r in results))
+    with lock:
+        record = write_record()
     print(json.dumps({k: record[k] for k in ("all_passed", "wall_s", "gpus", "torch")}))
     return 0 if record["all_passed"] else 1
 
