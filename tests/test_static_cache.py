@@ -80,7 +80,8 @@ def feed_both(cfg: LagConfig, updates: list[int], layers: int = 3, b: int = 2, h
 @pytest.mark.parametrize("cfg", CONFIGS)
 @pytest.mark.parametrize("prompt", [1, 3, 40])
 def test_decode_keeps_the_teaching_positions(cfg, prompt):
-    feed_both(cfg, [prompt] + [1] * 70)
+    static, teaching = feed_both(cfg, [prompt] + [1] * 70)
+    assert torch.equal(static.kept_position_mask(), teaching.kept_position_mask())
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
