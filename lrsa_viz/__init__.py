@@ -10,6 +10,9 @@ from .policies import POLICIES, LagKVPolicy, Policy, RandomPolicy, StreamingPoli
 from .profile import environment_record, run_profile
 from .prefill import chunked_prefill, compressed_generate, prefill_chunks
 from .scoring import keep_mask, lagkv_keep_indices, lagkv_scores
+from .static_cache import StaticLagKVCache, cache_capacity, stored_length
+from .static_generate import (disable_static_lagkv, enable_static_lagkv, greedy_decode, static_generate, static_lagkv,
+                              static_prefill)
 
 __all__ = [
     "LagConfig", "lagkv_scores", "lagkv_keep_indices", "keep_mask", "lrsa_visibility", "visibility_from_keep",
@@ -17,4 +20,6 @@ __all__ = [
     "SUPPORTED_MODEL_TYPES", "LagKVCache", "LagKVLayer", "chunked_prefill", "compressed_generate", "prefill_chunks", "load_model",
     "tiny_model", "compress_once", "Policy", "LagKVPolicy", "RandomPolicy", "StreamingPolicy", "POLICIES",
     "make_policy", "run_profile", "environment_record", "lrsa_backend_of", "compare_selections", "SelectionAgreement",
+    "StaticLagKVCache", "cache_capacity", "stored_length", "enable_static_lagkv", "disable_static_lagkv",
+    "static_lagkv", "static_prefill", "static_generate", "greedy_decode",
 ]

@@ -7,7 +7,8 @@ import pytest
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 #: The walkthrough notebooks this project must ship (others, e.g. 04 and 06, are checked too when present).
 EXPECTED = ["00_quickstart.ipynb", "01_lagkv_step_by_step.ipynb", "02_lrsa_mask.ipynb",
-            "03_compressed_generation.ipynb", "05_explorer.ipynb"]
+            "03_compressed_generation.ipynb", "04_finetune.ipynb", "05_explorer.ipynb", "06_performance.ipynb",
+            "07_compressed_inference.ipynb"]
 
 
 def all_notebooks() -> list[Path]:
