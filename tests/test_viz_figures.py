@@ -294,6 +294,10 @@ def test_retained_heatmap_has_a_discrete_colour_scale(kept, by, levels):
         assert a <= v <= b, "each level falls inside its own band"
     assert set(torch.tensor(trace.z).unique().tolist()) <= set(values)
     assert list(trace.colorbar.ticktext) == (["0 of 2", "1 of 2", "2 of 2"] if by == "layer" else ["evicted", "kept"])
+    # the hover says the value in words
+    z = torch.tensor(trace.z)
+    i, j = (z == values[1]).nonzero()[0].tolist()
+    assert trace.customdata[i][j].endswith("kept by 1 of 2 KV heads" if by == "layer" else "kept")
 
 
 def test_binned_heatmap_keeps_a_continuous_scale(kept):
@@ -331,6 +335,13 @@ def test_lag_score_figure_labels_rows_colour_bar_and_kept_text():
     assert weighted.data[0].colorbar.title.text == "score<br>a_K + 0.5·a_V"
     with pytest.raises(ValueError, match="kept_text_width"):
         lag_score_figure(scores, CFG, tokens, kept_text_width=-1)
+
+
+def test_lag_score_kept_text_only_for_few_rows():
+    scores = torch.rand(41, 10, generator=torch.Generator().manual_seed(0))
+    fig = lag_score_figure(scores, CFG, [f"w{i}" for i in range(3 + 41 * 10 + 20)])
+    assert not [a for a in fig.layout.annotations if a.name == "kept text"] and "up to 40 rows" in fig.layout.title.text
+    assert len(fig.data[1].x) == 41 * CFG.top_k, "the crosses stay"
 
 
 def test_lag_score_kept_text_is_shortened():

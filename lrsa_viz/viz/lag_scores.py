@@ -13,6 +13,10 @@ from ..scoring import select_top_k
 from .cells import MAX_CELLS, check_max_cells, hover_safe
 
 
+#: The kept tokens' text is listed beside the rows only up to this many rows (beyond, the rows get too thin).
+MAX_TEXT_ROWS = 40
+
+
 def score_label(config: LagConfig) -> str:
     """The name of the LagKV score of a config: ``a_K + a_V`` (or ``a_K + w·a_V`` with w = score_v_ratio)."""
     w = config.score_v_ratio
@@ -63,7 +67,8 @@ def lag_score_figure(
         config: the LagConfig that produced them (its top-k is marked).
         tokens: the N token strings of the text, for hover and for the kept tokens' text beside each row.
         max_cells: when (P - 1) * L is larger, only the first partitions that fit are drawn (the title says so).
-        kept_text_width: characters of kept-token text shown beside each row (0: none).
+        kept_text_width: characters of kept-token text shown beside each row (0: none); listed only when at most
+            `MAX_TEXT_ROWS` rows are drawn.
     Returns:
         go.Figure: trace 0 the heatmap (z [P' , L]; rows labelled "p: tokens a–b"), trace 1 a scatter with one marker
         per kept token (x = offset in the partition, y = partition index) — the top ``int(r * L)`` of each row by
@@ -95,7 +100,7 @@ def lag_score_figure(
         colorbar=_score_colorbar(scores, label, uniform, f"{1 + config.score_v_ratio:g}/L"),
         hovertemplate="partition %{y}, offset %{x}<br>%{text}<br>score " + label + " = %{z:.4f}<extra></extra>",
     ))
-    show_text = tokens is not None and kept_text_width > 0 and shown > 0
+    show_text = tokens is not None and kept_text_width > 0 and 0 < shown <= MAX_TEXT_ROWS
     if shown:
         offsets = select_top_k(scores[None, None], config.top_k)[0, 0]  # [P', k], the library's own selection
         xs = offsets.flatten().tolist()
@@ -117,6 +122,8 @@ def lag_score_figure(
                                showarrow=False, text="<b>kept tokens of the row, in order</b> (separated by │)",
                                font=dict(size=11), name="kept text header")
     note = f" — first {shown} of {n_rows} partitions" if shown < n_rows else ""
+    if tokens is not None and kept_text_width > 0 and shown > MAX_TEXT_ROWS:
+        note += f" (kept tokens' text listed for up to {MAX_TEXT_ROWS} rows; hover the crosses)"
     row_px = 34 if show_text else 22
     fig.update_layout(
         title=title or f"Lag scores per partition (S={s}, L={lag}, keep top {config.top_k}){note}",

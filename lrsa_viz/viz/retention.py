@@ -96,6 +96,18 @@ def _annotate_partitions(fig: go.Figure, n: int, config: LagConfig, plot_height:
             "gridline_stride": stride}
 
 
+def _cell_labels(labels: list[str], z: torch.Tensor, binned: bool, by: str, n_heads: int) -> list[list[str]]:
+    """Hover label of every heatmap cell: the row, and (unbinned) the cell's value in words."""
+    if binned:
+        return [[lab] * z.shape[1] for lab in labels]
+    if by == "layer":
+        words = [f"kept by {i} of {n_heads} KV heads" for i in range(n_heads + 1)]
+        counts = (z * n_heads).round().long().tolist()
+        return [[f"{lab}: {words[c]}" for c in row] for lab, row in zip(labels, counts)]
+    words = ["evicted", "kept"]
+    return [[f"{lab}: {words[c]}" for c in row] for lab, row in zip(labels, z.round().long().tolist())]
+
+
 def retained_token_figure(
     kept: torch.Tensor,
     tokens: Sequence[str] | None = None,
@@ -150,30 +162,26 @@ def retained_token_figure(
     else:
         x = list(range(n))
         col_text = [f"token {t}: '{hover_safe(tokens[t])}'" if tokens else f"token {t}" for t in range(n)]
-    if binned:
+    if binned:  # a cell is the kept fraction of (token, head) pairs in its window: any value in [0, 1]
         levels = None
         what = "fraction kept in the window"
         colour = dict(colorscale=[[0, "#f7fbff"], [1, "#08306b"]], colorbar=dict(title=what))
-        value = what + ": %{z:.2f}"
-    elif by == "layer":
+    elif by == "layer":  # a cell is (heads keeping the token) / H_kv: H_kv + 1 possible values
         levels = [i / n_heads for i in range(n_heads + 1)]
-        what = f"kept by how many of the {n_heads} KV heads"
         colour = dict(colorscale=_discrete_colorscale(n_heads + 1),
                       colorbar=dict(title=f"KV heads<br>keeping it (of {n_heads})", tickmode="array",
                                     tickvals=levels, ticktext=[f"{i} of {n_heads}" for i in range(n_heads + 1)]))
-        value = f"kept by %{{z:.0%}} of the layer's {n_heads} KV heads"
     else:
         levels = [0.0, 1.0]
-        what = "kept (1) / evicted (0)"
         colour = dict(colorscale=_discrete_colorscale(2),
                       colorbar=dict(title="this KV head", tickmode="array", tickvals=levels,
                                     ticktext=["evicted", "kept"]))
-        value = "kept (1) / evicted (0): %{z:.0f}"
     meta = {"by": by, "bin_edges": edges, "levels": levels}
     fig = go.Figure(go.Heatmap(
         z=z.tolist(), x=x, y=list(range(len(labels))), text=[col_text] * len(labels), zmin=0, zmax=1,
-        customdata=[[lab] * len(x) for lab in labels], meta=meta,
-        hovertemplate="%{customdata}<br>%{text}<br>" + value + "<extra></extra>", **colour,
+        customdata=_cell_labels(labels, z, binned, by, n_heads), meta=meta,
+        hovertemplate="%{customdata}<br>%{text}" + ("<br>fraction kept: %{z:.2f}" if binned else "")
+                      + "<extra></extra>", **colour,
     ))
     if by == "layer_head" and n_heads > 1:
         for i in range(1, n_layers):
