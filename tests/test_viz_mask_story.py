@@ -7,7 +7,8 @@ import torch
 from lrsa_viz import LagConfig, keep_mask, visibility_from_keep
 from lrsa_viz.viz import attention_comparison_figure, lrsa_mask_figure
 from lrsa_viz.viz.mask_view import (EVICTED, FUTURE, LAGGING, OWN, SELECTED, SINK, add_partition_grid,
-                                    hidden_attention_mass, hidden_mass_figure, partition_ticks,
+                                    attention_by_region, attention_by_region_figure, hidden_attention_mass, mask_regions,
+                                    partition_ticks,
                                     prefill_steps, prefill_storyboard_figure)
 
 CFG = LagConfig(4, 16, 0.25)
@@ -105,17 +106,31 @@ def test_hidden_attention_mass_and_figure():
         hidden_attention_mass(probs, visible[:2])
     with pytest.raises(ValueError, match="one shape"):
         hidden_attention_mass(probs, visible.float())
-    n = 68
-    mass = torch.linspace(0, 0.4, n)
-    fig = hidden_mass_figure(mass, CFG, torch.linspace(0, 0.7, n))
-    assert len(fig.data) == 3 and fig.data[0].y[-1] == pytest.approx(40.0)
-    xs, ys = fig.data[1].x, fig.data[1].y  # mean per partition: one flat segment per partition
-    segments = [(xs[i], xs[i + 1], ys[i]) for i in range(0, len(xs), 3)]
-    assert len(segments) == 5 and segments[0][:2] == (-0.5, 3.5)
-    assert segments[1][2] == pytest.approx(100 * mass[4:20].mean().item())
-    assert fig.layout.yaxis.title.text.startswith("%")
+
+
+def test_attention_by_region_sums_to_the_rows():
+    k, v = random_kv(1, 68)
+    kept = keep_mask(k[None], v[None], CFG)[0, 0]
+    regions = mask_regions(kept, CFG)
+    probs = torch.rand(68, 68).tril()
+    probs = probs / probs.sum(-1, keepdim=True)
+    by = attention_by_region(probs, regions)
+    torch.testing.assert_close(by.sum(-1), torch.ones(68))
+    assert by[:, FUTURE].eq(0).all(), "a causal head puts nothing on the future"
+    visible = visibility_from_keep(kept[None, None], CFG)[0, 0]
+    torch.testing.assert_close(by[:, EVICTED], hidden_attention_mass(probs, visible | ~torch.ones(68, 68).tril().bool()))
+    hidden_keys = (regions == EVICTED).sum(-1).float() / torch.arange(1, 69)
+    fig = attention_by_region_figure(by, CFG, hidden_keys)
+    assert [t.meta["region"] for t in fig.data] == ["evicted (hidden by LRSA)", "sink", "selected", "lagging window",
+                                                    "own partition (causal)", None]
+    assert list(fig.data[0].y) == pytest.approx((100 * by[:, EVICTED]).tolist())
+    assert fig.data[-1].line.dash == "dash" and fig.layout.yaxis.title.text.startswith("%")
+    with pytest.raises(ValueError, match="by_region"):
+        attention_by_region_figure(by[:, :3], CFG)
     with pytest.raises(ValueError, match="hidden_key_fraction"):
-        hidden_mass_figure(mass, CFG, torch.zeros(3))
+        attention_by_region_figure(by, CFG, hidden_keys[:5])
+    with pytest.raises(ValueError, match="one shape"):
+        attention_by_region(probs, regions[:5])
 
 
 def test_comparison_figure_marks_keys_and_partitions():
@@ -133,3 +148,30 @@ def test_comparison_figure_marks_keys_and_partitions():
     assert mark.x0 < 123 < mark.x1 and mark.x1 - mark.x0 == 10, "the pooled block that holds the key"
     with pytest.raises(ValueError, match="mark_keys"):
         attention_comparison_figure(probs, probs, mark_keys=[n])
+
+
+def test_boundary_gaps_and_flatness_figure():
+    from lrsa_viz.viz.agreement_view import GAP_FLOOR, boundary_gaps, flip_effect_figure, score_flatness_figure
+    cfg = LagConfig(0, 4, 0.5)  # top_k = 2
+    scores = torch.tensor([[0.4, 0.1, 0.3, 0.2], [0.25, 0.25, 0.25, 0.25]])
+    torch.testing.assert_close(boundary_gaps(scores, 2), torch.tensor([0.1, 0.0]))
+    with pytest.raises(ValueError, match="top_k"):
+        boundary_gaps(scores, 4)
+    fig = score_flatness_figure(scores, cfg, drift=1e-6, flip_gaps=[1e-7, 0.0])
+    assert len(fig.data[0].x) == 8 and len(fig.data[1].x) == 2
+    assert list(fig.data[1].x) == pytest.approx([-1.0, torch.tensor(GAP_FLOOR).log10().item()])
+    assert list(fig.data[2].x) == pytest.approx([-7.0, -10.0]) and fig.data[2].name == "observed flips"
+    vlines = sorted(s.x0 for s in fig.layout.shapes)
+    assert vlines == pytest.approx([-6.0, 0.5]), "drift (log10) and the uniform level (1 + v) / L = 2/4"
+    assert "log scale" in fig.layout.xaxis2.title.text
+    with pytest.raises(ValueError, match="L = 4"):
+        score_flatness_figure(torch.rand(3, 5), cfg)
+    diff = torch.zeros(40)
+    diff[20:] = 1e-2
+    eff = flip_effect_figure(diff, LagConfig(4, 8, 0.25), partition=0, tolerance=1e-4)
+    assert min(eff.data[0].y) == pytest.approx(1e-9) and max(eff.data[0].y) == pytest.approx(1e-2)
+    assert [s.x0 for s in eff.layout.shapes if s.x0 == s.x1] == [19.5], "S + 2L = 20 is the first query that sees it"
+    assert [s.y0 for s in eff.layout.shapes if s.y0 == s.y1] == [1e-4]
+    assert eff.layout.yaxis.type == "log"
+    with pytest.raises(ValueError, match="logit_diff"):
+        flip_effect_figure(torch.zeros(0), cfg, 0)

@@ -7,7 +7,7 @@ lagging window (partition k - 1) · own partition (partition k, causal). Keys t 
 Also here: partition-indexed axes (`partition_ticks`, `add_partition_grid`), the prefill storyboard (what a real
 recursive `LagKVCache` holds while each chunk is read, beside the mask rows of that chunk's queries:
 `prefill_steps`, `prefill_storyboard_figure`) and the dense attention mass the mask hides (`hidden_attention_mass`,
-`hidden_mass_figure`). The LRSA mask is this project's reconstruction of LRSA (arXiv 2506.11498) from LagKV's
+`attention_by_region`, `attention_by_region_figure`). The LRSA mask is this project's reconstruction of LRSA (arXiv 2506.11498) from LagKV's
 chunk-by-chunk prefill (arXiv 2504.04704, §4.3): docs/METHOD.md §3.
 """
 from __future__ import annotations
@@ -281,8 +281,8 @@ def attention_comparison_figure(
         for col in (1, 2):
             fig.add_shape(type="rect", x0=lo, x1=hi, y0=max(t, start) - 0.5, y1=stop - 0.5, row=1, col=col,
                           line=dict(color="#17becf", width=2), name=f"marked key {t}")
-        fig.add_annotation(x=(lo + hi) / 2, y=stop - 0.5, text=f"key {t}", showarrow=True, arrowhead=2, ay=30,
-                           font=dict(color="#17becf"), row=1, col=1)
+        fig.add_annotation(x=(lo + hi) / 2, y=max(t, start) - 0.5, text=f"key {t}", showarrow=True, arrowhead=2,
+                           ax=-30, ay=-25, font=dict(color="#17becf"), row=1, col=1)
     return fig
 
 
@@ -302,46 +302,56 @@ def hidden_attention_mass(probs: torch.Tensor, visible: torch.Tensor) -> torch.T
     return (probs.float() * (~visible).float()).sum(-1)
 
 
-def hidden_mass_figure(
-    hidden_mass: torch.Tensor,
+def attention_by_region(probs: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+    """Where each query's attention goes, by LRSA region.
+
+    Args:
+        probs: [Q, N] attention probabilities (e.g. of a dense head); regions: [Q, N] codes from `mask_regions`.
+    Returns:
+        [Q, 6] float32: column c = the mass on keys of region code c (FUTURE..OWN); rows sum to the rows of probs.
+    """
+    if probs.ndim != 2 or regions.shape != probs.shape:
+        raise ValueError(f"probs and regions must be [Q, N] of one shape, got {tuple(probs.shape)}, {tuple(regions.shape)}")
+    onehot = torch.nn.functional.one_hot(regions.long(), len(REGION_NAMES)).float()  # [Q, N, 6]
+    return torch.einsum("qn,qnc->qc", probs.float(), onehot)
+
+
+def attention_by_region_figure(
+    by_region: torch.Tensor,
     config: LagConfig,
     hidden_key_fraction: torch.Tensor | None = None,
     *,
-    title: str = "Dense attention that the LRSA mask hides, per query",
+    title: str = "Where a dense head's attention goes, by LRSA region (per query)",
 ) -> go.Figure:
-    """Per query position: the dense attention mass on keys LRSA hides, and (optionally) the fraction of its causal
-    keys that LRSA hides — the gap between the two lines is what LagKV's choice of tokens is worth.
+    """Stacked areas: for each query position, the share of its dense attention on each LRSA region — the bottom band
+    (evicted) is the attention LRSA hides; a dashed line (optional) is the share of its causal keys LRSA hides.
 
     Args:
-        hidden_mass: [N] (`hidden_attention_mass`); hidden_key_fraction: [N] hidden keys / (q + 1).
+        by_region: [N, 6] from `attention_by_region` (queries 0..N-1); hidden_key_fraction: [N].
     Returns:
-        go.Figure: trace 0 = hidden mass, trace 1 = mean hidden mass per partition (steps), trace 2 = hidden key
-        fraction if given; x = query position labelled by partition, y in % (0-100).
+        go.Figure: one area trace per region in the order evicted, sink, selected, lagging window, own partition
+        (``meta = {"region": name}``), then the dashed line; x = query position labelled by partition, y in %.
     """
-    n = hidden_mass.numel()
-    if hidden_mass.ndim != 1 or n == 0:
-        raise ValueError(f"hidden_mass must be a non-empty [N] tensor, got shape {tuple(hidden_mass.shape)}")
-    if hidden_key_fraction is not None and hidden_key_fraction.shape != hidden_mass.shape:
-        raise ValueError(f"hidden_key_fraction must be [N] like hidden_mass, got {tuple(hidden_key_fraction.shape)}")
-    pos = torch.arange(n)
-    part = partition_index(pos, config)
-    mass = (100 * hidden_mass.float().cpu()).tolist()
-    fig = go.Figure(go.Scatter(x=pos.tolist(), y=mass, mode="lines+markers", marker=dict(size=4), name="hidden attention mass",
-                               hovertemplate="query %{x}: %{y:.1f}% of its dense attention is on hidden keys<extra></extra>"))
-    xs, ys = [], []
-    for p in part.unique().tolist():
-        sel = (part == p).nonzero().flatten()
-        m = 100 * hidden_mass[sel].float().mean().item()
-        xs += [sel[0].item() - 0.5, sel[-1].item() + 0.5, None]
-        ys += [m, m, None]
-    fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line=dict(color="black", width=3), name="mean per partition",
-                             hoverinfo="skip"))
+    if by_region.ndim != 2 or by_region.shape[1] != len(REGION_NAMES) or by_region.shape[0] == 0:
+        raise ValueError(f"by_region must be [N, {len(REGION_NAMES)}] with N >= 1, got {tuple(by_region.shape)}")
+    n = by_region.shape[0]
+    if hidden_key_fraction is not None and hidden_key_fraction.shape != (n,):
+        raise ValueError(f"hidden_key_fraction must be [N] = [{n}], got {tuple(hidden_key_fraction.shape)}")
+    x = list(range(n))
+    fig = go.Figure()
+    colours = {**dict(enumerate(REGION_COLOURS)), EVICTED: "#9e9e9e"}
+    for code in (EVICTED, SINK, SELECTED, LAGGING, OWN):
+        name = "evicted (hidden by LRSA)" if code == EVICTED else REGION_NAMES[code]
+        fig.add_trace(go.Scatter(x=x, y=(100 * by_region[:, code]).tolist(), stackgroup="mass", name=name, mode="lines",
+                                 line=dict(width=0.5, color=colours[code]), fillcolor=colours[code], meta={"region": name},
+                                 hovertemplate=f"query %{{x}}: %{{y:.1f}}% on {name}<extra></extra>"))
     if hidden_key_fraction is not None:
-        fig.add_trace(go.Scatter(x=pos.tolist(), y=(100 * hidden_key_fraction.float().cpu()).tolist(), mode="lines",
-                                 line=dict(dash="dash", color="grey"), name="share of causal keys hidden",
-                                 hovertemplate="query %{x}: %{y:.0f}% of its keys are hidden<extra></extra>"))
-    fig.update_layout(title=title, height=420, legend=dict(orientation="h", y=-0.3),
-                      xaxis_title="query position (partition)", yaxis=dict(title="% (of attention, of keys)", range=[0, 100]))
+        fig.add_trace(go.Scatter(x=x, y=(100 * hidden_key_fraction.float()).tolist(), mode="lines",
+                                 line=dict(dash="dash", color="black"), name="share of its causal keys that LRSA hides",
+                                 meta={"region": None}, hovertemplate="query %{x}: %{y:.0f}% of its keys hidden<extra></extra>"))
+    fig.update_layout(title=title, height=450, legend=dict(orientation="h", y=-0.3),
+                      xaxis_title="query position (partition, its first position)",
+                      yaxis=dict(title="% of the query's dense attention (stacked)", range=[0, 100]))
     add_partition_grid(fig, config, 0, n, y=False)
     return fig
 
