@@ -4,7 +4,9 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from lrsa_viz import LagConfig, enable_lrsa, disable_lrsa, keep_mask, lrsa, lrsa_config_of, lrsa_visibility
+from lrsa_viz import (LagConfig, chunked_prefill, enable_lrsa, disable_lrsa, keep_mask, lrsa, lrsa_config_of,
+                      lrsa_visibility)
+from lrsa_viz.attention import forced_keep_of
 from lrsa_viz.viz import attention_probabilities, capture_kv
 
 CFG = LagConfig(2, 8, 0.25)
@@ -51,6 +53,24 @@ def test_lrsa_capture_differs_above_layer_zero_and_restores_model(tiny):
         assert lrsa_config_of(tiny) == LagConfig(1, 4, 0.5) and tiny.config.lrsa_backend == "reference"
     finally:
         disable_lrsa(tiny)
+
+
+def test_capture_restores_forced_selections(tiny):
+    """A capture inside ``lrsa(model, cfg, keep=...)`` runs with its own selections and gives the forced ones back."""
+    ids = ids_of(60, 2)
+    _, cache = chunked_prefill(tiny, ids[None], CFG)
+    keep = cache.kept_position_mask()
+    other = keep.clone()  # another valid selection: swap one kept and one evicted token of a scored partition
+    part = slice(CFG.sink_size, CFG.sink_size + CFG.lag_size)
+    kept_at = other[0, 0, 0, part].nonzero()[0].item() + CFG.sink_size
+    out_at = (~other[0, 0, 0, part]).nonzero()[0].item() + CFG.sink_size
+    other[0, 0, 0, kept_at], other[0, 0, 0, out_at] = False, True
+    with lrsa(tiny, CFG, backend="reference", keep=other):
+        free = capture_kv(tiny, None, ids, CFG)
+        assert torch.equal(forced_keep_of(tiny), other), "the forced selections are back after the capture"
+        assert tiny.config.lrsa_backend == "reference"
+    assert forced_keep_of(tiny) is None and lrsa_config_of(tiny) is None
+    assert torch.equal(free.keys, capture_kv(tiny, None, ids, CFG).keys), "the capture computed its own selections"
 
 
 def test_capture_layers_and_keep_mask(tiny):
