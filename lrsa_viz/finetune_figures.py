@@ -178,8 +178,9 @@ def accuracy_by_depth_figure(rows: Sequence[dict], examples: Sequence[dict], set
 # --------------------------------------------------------------------------------------------------------------
 # What the wrong answers look like
 
-ERROR_KINDS = ("correct", "near miss", "another planted value", "repeated digits", "wrong length", "other")
-ERROR_COLOURS = dict(zip(ERROR_KINDS, ("#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#1f77b4", "#7f7f7f")))
+ERROR_KINDS = ("correct", "near miss", "another planted value", "unplanted value", "repeated digits", "wrong length",
+               "other")
+ERROR_COLOURS = dict(zip(ERROR_KINDS, ("#2ca02c", "#ff7f0e", "#9467bd", "#e377c2", "#8c564b", "#1f77b4", "#7f7f7f")))
 
 
 def error_kind(prediction: str, gold: str, others: Sequence[str] = ()) -> str:
@@ -188,7 +189,8 @@ def error_kind(prediction: str, gold: str, others: Sequence[str] = ()) -> str:
     In this order: "correct" (exact match); "near miss" (same length as the gold, one character different);
     "another planted value" (equals another value of the document, ``others``: the wrong fact was read);
     "repeated digits" (a run of one digit at least 4 long making up half the answer or more: "8888888888888888",
-    "41111111"); "wrong length" (digits only, not the gold's length: "29000", "40900000"); "other".
+    "41111111", "40900000"); "unplanted value" (digits of the gold's length, found nowhere: a well-formed guess);
+    "wrong length" (digits only, not the gold's length: "29000"); "other" (words, empty, anything else).
     """
     p, g = prediction.strip(), gold.strip()
     if exact_match(p, g):
@@ -200,8 +202,8 @@ def error_kind(prediction: str, gold: str, others: Sequence[str] = ()) -> str:
     runs = [len(m.group()) for m in re.finditer(r"(\d)\1*", p)]
     if runs and max(runs) >= 4 and max(runs) >= len(p) / 2:
         return "repeated digits"
-    if p.isdigit() and len(p) != len(g):
-        return "wrong length"
+    if p.isdigit() and g.isdigit():
+        return "unplanted value" if len(p) == len(g) else "wrong length"
     return "other"
 
 
@@ -226,8 +228,9 @@ def error_breakdown_figure(breakdowns: dict[str, dict[str, int]], title: str = "
         fig.add_trace(go.Bar(y=labels, x=[breakdowns[l].get(kind, 0) for l in labels], name=kind, orientation="h",
                              marker_color=ERROR_COLOURS[kind],
                              hovertemplate=f"%{{y}}<br>{kind}: %{{x}}<extra></extra>"))
-    fig.update_layout(barmode="stack", title=title, template="plotly_white", height=120 + 38 * len(labels),
-                      xaxis_title="test examples", yaxis=dict(autorange="reversed"), legend_title_text="answer")
+    fig.update_layout(barmode="stack", title=title, template="plotly_white", height=max(380, 140 + 38 * len(labels)),
+                      xaxis_title="test examples", yaxis=dict(autorange="reversed"), legend_title_text="answer",
+                      legend=dict(traceorder="normal"))
     return fig
 
 
@@ -255,7 +258,7 @@ def suite_task_figure(summary: Sequence[dict], task: str,
     metric = "exact match" if mine[0]["metric"] == "exact_match" else "set F1"
     seeds = max(s["n_seeds"] for s in mine)
     fig = make_subplots(rows=1, cols=len(contexts), shared_yaxes=True,
-                        subplot_titles=[f"{c} -token documents" for c in contexts])
+                        subplot_titles=[f"{c}-token documents" for c in contexts], horizontal_spacing=0.08)
     shown = set()
     for col, ctx in enumerate(contexts, start=1):
         for i, model in enumerate(models):
@@ -279,10 +282,11 @@ def suite_task_figure(summary: Sequence[dict], task: str,
                                    "± %{customdata[2]:.3f} (%{customdata[3]} seeds x %{customdata[4]} items)"
                                    "<extra></extra>")), row=1, col=col)
                 shown.add(name)
-        fig.update_xaxes(range=[1.05, 0], title_text=KV_AXIS, row=1, col=col)
-    fig.update_yaxes(range=[-0.03, 1.05], title_text=f"{metric} (mean over {seeds} seeds, bars: ± 1 std)", col=1)
-    fig.update_layout(title=f"{task}: {metric} against the KV cache kept", template="plotly_white", height=480,
-                      legend=dict(font=dict(size=10)), legend_title_text="model, cache setting")
+        fig.update_xaxes(range=[1.05, 0], title_text="KV cache kept (measured share)", row=1, col=col)
+    fig.update_yaxes(range=[-0.03, 1.05], title_text=f"{metric} (mean of {seeds} seeds, bars ± 1 std)", col=1)
+    fig.update_layout(title=f"{task}: {metric} against the KV cache kept", template="plotly_white", height=620,
+                      legend=dict(font=dict(size=10), orientation="h", yanchor="top", y=-0.18, x=0),
+                      legend_title_text="model, cache setting (click to show or hide)")
     return fig
 
 
