@@ -25,7 +25,7 @@ WORK=${LRSA_VIZ_WORK:-/tmp/lrsa_viz_suite}
 PY=${PYTHON:-python3}
 NAME=${NAME:-finetune_suite}
 MODEL=${MODEL:-default}
-SECONDS_LIMIT=${SECONDS_LIMIT:-480}     # this call's budget for GPU jobs (the lead's calls are <= 9 minutes)
+SECONDS_LIMIT=${SECONDS_LIMIT:-470}     # this call's budget for GPU jobs; + ~20 s to start and collect (calls <= 9 min)
 MARGIN=${MARGIN:-20}                    # no job starts later than MARGIN s before the limit; training saves in time
 SEEDS=${SEEDS:-0 1 2}
 TASKS=${TASKS:-single_needle multi_key variable_tracking multi_value multi_query frequent_word}
@@ -33,7 +33,7 @@ PRIORITY_TASKS=${PRIORITY_TASKS:-3}
 CONTEXTS=${CONTEXTS:-4000 8000}
 TRAIN_PER_CELL=${TRAIN_PER_CELL:-64}    # training examples per (task, context): 64 x 6 x 2 = 768 per seed
 DEV_PER_CELL=${DEV_PER_CELL:-2}
-TEST_N=${TEST_N:-200}                   # held-out items per (task, context) and seed
+TEST_N=${TEST_N:-100}                   # held-out items per (task, context) and seed: 3 seeds x 100 = 300 >= 200
 STEPS=${STEPS:-48}
 BATCH=${BATCH:-16}
 MICRO_TOKENS=${MICRO_TOKENS:-40960}    # micro-batches: 4 x 8k or 8 x 4k
@@ -51,7 +51,8 @@ DATA_WORKERS=${DATA_WORKERS:-$(( $(nproc) > 4 ? $(nproc) - 4 : 1 ))}
 if [ -z "${GPUS:-}" ]; then
     GPUS=$($PY -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
 fi
-REDUCTIONS=${REDUCTIONS:-"training: STEPS=$STEPS x BATCH=$BATCH examples (one pass over TRAIN_PER_CELL=$TRAIN_PER_CELL per task and length), not a converged fine-tune|evaluation: TEST_N=$TEST_N items per task, length and seed; models greedy-decode at most (longest answer + 3) tokens|baselines (StreamingLLM, random, SnapKV) chunked run after the LagKV rows and may be missing where the time ran out; one-shot baselines share the exact prefill|contexts 4000 and 8000 tokens (SmolLM2's max_position_embeddings is 8192), far below LagKV's RULER lengths"}
+N_TASKS=$(wc -w <<< "$TASKS"); N_CONTEXTS=$(wc -w <<< "$CONTEXTS"); N_SEEDS=$(wc -w <<< "$SEEDS")
+REDUCTIONS=${REDUCTIONS:-"training: $STEPS steps x $BATCH examples = $(( STEPS * BATCH )) examples drawn from $(( TRAIN_PER_CELL * N_TASKS * N_CONTEXTS )) ($TRAIN_PER_CELL per task and length), lr $LR: a short fine-tune, not a converged one|evaluation: $TEST_N items per task, length and seed ($(( TEST_N * N_SEEDS )) per task and length over $N_SEEDS seeds); greedy answers of at most (longest answer + 3) tokens|the chunked baselines (StreamingLLM, random, SnapKV) run after every LagKV row, ratio 0.25 first, and are missing where the time ran out; their one-shot rows share the exact prefill and always run|contexts of $CONTEXTS tokens (SmolLM2's max_position_embeddings is 8192), far below LagKV's RULER lengths (16k+)|one model size (SmolLM2-135M-Instruct); LRSA trained at r = $TRAIN_RATIO only"}
 
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 export TQDM_MININTERVAL=${TQDM_MININTERVAL:-15}

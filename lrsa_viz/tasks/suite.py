@@ -422,6 +422,13 @@ class Worker:
             lrsa_backend=c.lrsa_backend, max_seconds=None if remaining is None else max(remaining, 1.0))
         resume = (out / "checkpoint" / "trainer_state.json").exists()
         train(config, resume=resume, progress=self.progress, command=f"lrsa_viz.tasks.suite worker ({job})")
+        import gc
+
+        import torch
+
+        gc.collect()  # the run's model, optimiser and activations
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         if not (out / "model.safetensors").exists():
             return False
         info = json.loads((out / "run_info.json").read_text())
@@ -598,7 +605,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     a = p.parse_args(argv)
     work = Work(a.work)
     if a.command == "init":
-        init_work(work, _config_from_args(a))
+        config = _config_from_args(a)
+        init_work(work, config)
+        if not (config.model or "").startswith("tiny"):
+            from ..models import resolve_model_source
+
+            resolve_model_source(config.model)  # a GGUF is converted once here, not by parallel processes
     elif a.command == "data":
         for job, seconds in make_data(work, workers=a.workers, progress=a.progress).items():
             print(f"[data {time.strftime('%H:%M:%S')}] {job}: {seconds} s", file=sys.stderr, flush=True)
