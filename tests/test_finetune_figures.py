@@ -88,7 +88,7 @@ def test_compression_label():
 @pytest.mark.parametrize("prediction, kind", [
     ("4821", "correct"), ("4827", "near miss"), ("3390", "another planted value"), ("8888888888888888", "repeated digits"),
     ("41111111", "repeated digits"), ("40900000", "repeated digits"), ("29000", "wrong length"),
-    ("48211", "wrong length"), ("Kevin", "other"),
+    ("48211", "wrong length"), ("5157", "unplanted value"), ("9999", "repeated digits"), ("Kevin", "other"),
     ("4", "wrong length"), ("", "other")])
 def test_error_kinds(prediction, kind):
     assert error_kind(prediction, "4821", others=["3390", "7712"]) == kind
