@@ -64,9 +64,10 @@ def chunked_prefill(
         raise ValueError("cache must be an empty LagKVCache with mode='recursive'")
     input_ids = input_ids.to(model.device)
     logits = []
-    for start, end in tqdm(prefill_chunks(input_ids.shape[1], config), desc="chunked prefill", disable=not progress):
-        out = model(input_ids=input_ids[:, start:end], past_key_values=cache, use_cache=True)
-        logits.append(out.logits)
+    with cache.policy.observe(model):  # policies that read the model's queries (SnapKV) see every chunk
+        for start, end in tqdm(prefill_chunks(input_ids.shape[1], config), desc="chunked prefill", disable=not progress):
+            out = model(input_ids=input_ids[:, start:end], past_key_values=cache, use_cache=True)
+            logits.append(out.logits)
     return torch.cat(logits, dim=1), cache
 
 

@@ -65,8 +65,13 @@ def test_snapkv_holds_the_same_budget_and_needs_the_model(tiny):
     _, lagkv = chunked_prefill(tiny, ids, cfg)
     assert not torch.equal(cache.kept_positions(0), lagkv.kept_positions(0))
     assert not tiny.model.layers[0].self_attn._forward_pre_hooks, "hooks removed after the context"
-    with pytest.raises(ValueError, match="run the model inside `with policy.observe"):
-        chunked_prefill(tiny, ids, cfg, policy=SnapKVPolicy())
+    # chunked_prefill opens the policy's observe context itself: the same selections without the caller's context
+    _, own = chunked_prefill(tiny, ids, cfg, policy=SnapKVPolicy(window=4))
+    assert all(torch.equal(own.kept_positions(i), cache.kept_positions(i)) for i in range(2))
+    assert not tiny.model.layers[0].self_attn._forward_pre_hooks
+    with pytest.raises(ValueError, match="run the model inside `with policy.observe"):  # a bare cache still needs it
+        with torch.no_grad():
+            tiny(ids, past_key_values=LagKVCache(cfg, policy=SnapKVPolicy()))
 
 
 def test_snapkv_scores_are_the_window_attention(tiny):
