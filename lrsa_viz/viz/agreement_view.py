@@ -124,9 +124,10 @@ def flip_effect_figure(
     fig.add_vline(x=first - 0.5, line=dict(color="#d62728", dash="dash"),
                   annotation_text=f"first query that can see the flip ({first})", annotation_position="top left")
     if tolerance is not None:
-        fig.add_hline(y=tolerance, line=dict(color="grey", dash="dot"),
-                      annotation_text=f"forced-run tolerance {tolerance:.0e}", annotation_position="bottom right")
+        fig.add_hline(y=tolerance, line=dict(color="grey", dash="dot"))
+        fig.add_annotation(x=1, xref="paper", xanchor="right", y=math.log10(tolerance), yref="y", yanchor="bottom",
+                           text=f"forced-run tolerance {tolerance:.0e}", showarrow=False, font=dict(color="grey"))
     fig.update_layout(title=title, height=400, xaxis_title="position (token)",
-                      yaxis=dict(title="max over the vocabulary of |Δ logit| (log scale)", type="log",
-                                 exponentformat="power"))
+                      yaxis=dict(title="max |Δ logit| over the vocabulary<br>(log scale; exact 0 drawn at 1e-9)",
+                                 type="log", exponentformat="power"))
     return fig
