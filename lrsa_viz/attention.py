@@ -120,7 +120,8 @@ def lrsa_attention_forward(
             raise ValueError(f"dropout: backend='flex' has no attention dropout, got {dropout}; use backend='reference'")
         from .fast import fast_lrsa_attention
 
-        positions = None if forced is None else forced_compact_positions(forced, config)
+        compresses = forced is not None and config.num_partitions(kv_len) >= 2  # shorter: plain causal, nothing forced
+        positions = forced_compact_positions(forced, config) if compresses else None
         out = fast_lrsa_attention(query, key, value, config, scaling=scaling, positions=positions)
         return out.transpose(1, 2).contiguous(), None
     with torch.no_grad():

@@ -127,3 +127,17 @@ def test_lrsa_backend_of_resolves_on_cpu(tiny):
     with lrsa(tiny, CFG, backend="flex"):
         assert lrsa_backend_of(tiny, resolved=True) == "flex/triton"  # FlashAttention-4 needs a CUDA GPU
     assert lrsa_backend_of(tiny, resolved=True) is None
+
+
+def test_forced_selections_on_a_sequence_too_short_to_compress(tiny):
+    """Below S + 2L nothing is selected: forced selections change nothing, on both backends."""
+    from lrsa_viz import lrsa
+
+    cfg = LagConfig(2, 16, 0.25)
+    ids = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(10))
+    _, cache = chunked_prefill(tiny, ids, cfg)
+    with torch.no_grad():
+        dense = tiny(ids).logits
+        for backend in ("reference", "flex"):
+            with lrsa(tiny, cfg, backend=backend, keep=cache.kept_position_mask()):
+                assert (tiny(ids).logits - dense).abs().max().item() <= 1e-4
