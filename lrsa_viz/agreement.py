@@ -21,7 +21,7 @@ from .attention import lrsa
 from .cache import LagKVCache
 from .config import LagConfig
 from .prefill import check_prefill_inputs, chunked_prefill
-from .scoring import lagkv_scores, select_top_k
+from .scoring import keep_mask_from_scores, lagkv_scores, select_top_k
 
 #: A flip counts as a near-tie when the two tokens' scores differ by at most this fraction of the uniform score 2/L.
 #: Float drift between the runs is ~1e-6 absolute on SmolLM2 (1e-4 of 2/L at L = 128); a real disagreement (another
@@ -127,21 +127,6 @@ class _RecordingLagKVCache(LagKVCache):
         return torch.cat([k for k, _ in parts], dim=-2), torch.cat([v for _, v in parts], dim=-2)
 
 
-def selection_mask(scores: torch.Tensor, n: int, config: LagConfig) -> torch.Tensor:
-    """One-shot keep mask from scores: [..., P-1, L] float -> [..., N] bool (sink, top-k of each scored partition by
-    `select_top_k`, the last full partition and the remainder)."""
-    lead = scores.shape[:-2]
-    mask = torch.ones(*lead, n, dtype=torch.bool, device=scores.device)
-    n_scored, lag = scores.shape[-2], config.lag_size
-    if n_scored == 0:
-        return mask
-    start = config.sink_size
-    region = torch.zeros(*lead, n_scored, lag, dtype=torch.bool, device=scores.device)
-    region.scatter_(-1, select_top_k(scores, config.top_k), True)
-    mask[..., start: start + n_scored * lag] = region.flatten(-2)
-    return mask
-
-
 @torch.no_grad()
 def compare_selections(model: PreTrainedModel, input_ids: torch.Tensor, config: LagConfig,
                        progress: bool = False) -> SelectionAgreement:
@@ -167,7 +152,7 @@ def compare_selections(model: PreTrainedModel, input_ids: torch.Tensor, config: 
     chunked_keep = recording.kept_position_mask(n)
     return SelectionAgreement(
         config=config,
-        parallel_keep=selection_mask(parallel_scores, n, config),
+        parallel_keep=keep_mask_from_scores(parallel_scores, n, config),
         chunked_keep=chunked_keep,
         parallel_scores=parallel_scores,
         chunked_scores=chunked_scores,

@@ -62,6 +62,8 @@ def chunked_prefill(
         cache = LagKVCache(config, mode="recursive", policy=policy)
     elif not isinstance(cache, LagKVCache) or cache.mode != "recursive" or cache.get_seq_length() != 0:
         raise ValueError("cache must be an empty LagKVCache with mode='recursive'")
+    elif policy is not None:
+        raise ValueError("policy: give the policy to the LagKVCache passed as cache, not both")
     input_ids = input_ids.to(model.device)
     logits = []
     with cache.policy.observe(model):  # policies that read the model's queries (SnapKV) see every chunk

@@ -106,13 +106,38 @@ def selected_positions(scores: torch.Tensor, config: LagConfig) -> torch.Tensor:
     """Absolute positions of the tokens kept in the scored partitions.
 
     Args:
-        scores: [B, H, P-1, L] from `lagkv_scores`.
+        scores: [..., P-1, L] from `lagkv_scores` (any leading dims, e.g. [B, H] or [layers, B, H]).
     Returns:
-        LongTensor [B, H, (P-1) * k], ascending.
+        LongTensor [..., (P-1) * k], ascending.
     """
     offsets = select_top_k(scores, config.top_k)
-    starts = config.sink_size + config.lag_size * torch.arange(scores.shape[2], device=scores.device)
-    return (offsets + starts[:, None]).flatten(2)
+    starts = config.sink_size + config.lag_size * torch.arange(scores.shape[-2], device=scores.device)
+    return (offsets + starts[:, None]).flatten(-2)
+
+
+def keep_indices_from_scores(scores: torch.Tensor, seq_len: int, config: LagConfig) -> torch.Tensor:
+    """One-shot compression of ``seq_len`` tokens from their scores: the sink, the top-k of every scored partition,
+    the last full partition and the remainder, ascending.
+
+    Args:
+        scores: [..., P-1, L] from `lagkv_scores` of ``seq_len`` tokens (no scored partition: nothing compressed).
+    Returns:
+        LongTensor [..., config.retained_length(seq_len)] (docs/METHOD.md eq. 12).
+    """
+    lead, device = scores.shape[:-2], scores.device
+    if scores.shape[-2] == 0:
+        return torch.arange(seq_len, device=device).expand(*lead, seq_len).clone()
+    p = config.num_partitions(seq_len)
+    sink = torch.arange(config.sink_size, device=device).expand(*lead, -1)
+    tail = torch.arange(config.sink_size + (p - 1) * config.lag_size, seq_len, device=device).expand(*lead, -1)
+    return torch.cat([sink, selected_positions(scores, config), tail], dim=-1)
+
+
+def keep_mask_from_scores(scores: torch.Tensor, seq_len: int, config: LagConfig) -> torch.Tensor:
+    """Boolean form of `keep_indices_from_scores`: [..., seq_len], True where one-shot compression keeps the token."""
+    idx = keep_indices_from_scores(scores, seq_len, config)
+    mask = torch.zeros(*idx.shape[:-1], seq_len, dtype=torch.bool, device=scores.device)
+    return mask.scatter_(-1, idx, True)
 
 
 def lagkv_keep_indices(keys: torch.Tensor, values: torch.Tensor, config: LagConfig,
@@ -125,20 +150,9 @@ def lagkv_keep_indices(keys: torch.Tensor, values: torch.Tensor, config: LagConf
     Returns:
         LongTensor [B, H_kv, n_kept] with n_kept == config.retained_length(N) (docs/METHOD.md eq. 12).
     """
-    scores = lagkv_scores(keys, values, config, check_finite)
-    b, h, n, _ = keys.shape
-    device = keys.device
-    if scores.shape[2] == 0:
-        return torch.arange(n, device=device).expand(b, h, n).clone()
-    p = config.num_partitions(n)
-    sink = torch.arange(config.sink_size, device=device).expand(b, h, -1)
-    tail = torch.arange(config.sink_size + (p - 1) * config.lag_size, n, device=device).expand(b, h, -1)
-    return torch.cat([sink, selected_positions(scores, config), tail], dim=-1)
+    return keep_indices_from_scores(lagkv_scores(keys, values, config, check_finite), keys.shape[-2], config)
 
 
 def keep_mask(keys: torch.Tensor, values: torch.Tensor, config: LagConfig, check_finite: bool = True) -> torch.Tensor:
     """Boolean form of `lagkv_keep_indices`: [B, H_kv, N], True where one-shot compression keeps the token."""
-    idx = lagkv_keep_indices(keys, values, config, check_finite)
-    b, h, n, _ = keys.shape
-    mask = torch.zeros(b, h, n, dtype=torch.bool, device=keys.device)
-    return mask.scatter_(-1, idx, True)
+    return keep_mask_from_scores(lagkv_scores(keys, values, config, check_finite), keys.shape[-2], config)

@@ -1,15 +1,11 @@
 """Free-run comparison (lrsa_viz.agreement) and the forced-selection plumbing, on synthetic scores and the tiny model."""
-import subprocess
-import sys
-from pathlib import Path
-
 import torch
 
 from lrsa_viz import LagConfig, chunked_prefill
-from lrsa_viz.agreement import NEAR_TIE_FRACTION, compare_selections, find_flips, logit_tolerance, selection_mask
+from lrsa_viz.agreement import NEAR_TIE_FRACTION, compare_selections, find_flips, logit_tolerance
 from lrsa_viz.attention import forced_compact_positions
 from lrsa_viz.fast import compact_positions
-from lrsa_viz.scoring import keep_mask
+from lrsa_viz.scoring import keep_mask, keep_mask_from_scores
 
 CFG = LagConfig(sink_size=2, lag_size=8, ratio=0.25)  # top_k = 2
 
@@ -48,18 +44,11 @@ def test_a_real_disagreement_is_not_a_near_tie():
     par, other = flat_scores(0), flat_scores(1)
     flips = find_flips(par, other, CFG)
     assert len(flips) > 3
-    agreement = SelectionAgreement(CFG, selection_mask(par, 28, CFG), selection_mask(other, 28, CFG), par, other,
+    agreement = SelectionAgreement(CFG, keep_mask_from_scores(par, 28, CFG), keep_mask_from_scores(other, 28, CFG),
+                                   par, other,
                                    torch.zeros(1, 28, 4), torch.zeros(1, 28, 4), flips)
     assert not agreement.all_near_ties()
     assert agreement.n_flips == len(flips) and agreement.kept_slots == 2 * 1 * 2 * 3 * 2
-
-
-def test_selection_mask_is_keep_mask():
-    g = torch.Generator().manual_seed(3)
-    k, v = torch.randn(2, 3, 45, 8, generator=g), torch.randn(2, 3, 45, 8, generator=g)
-    from lrsa_viz import lagkv_scores
-
-    assert torch.equal(selection_mask(lagkv_scores(k, v, CFG), 45, CFG), keep_mask(k, v, CFG))
 
 
 def test_forced_compact_positions_equal_the_computed_ones():
@@ -76,25 +65,6 @@ def test_compare_selections_tiny(tiny):
     assert agreement.all_near_ties()
     assert agreement.max_drift < 1e-5  # float32 rounding of two matmul shapes, scores ~ 2/L = 0.25
     assert agreement.max_logit_diff <= logit_tolerance(agreement.chunked_logits)
-
-
-def test_gpu_check_refuses_without_cuda_and_reads_junit(tmp_path):
-    root = Path(__file__).resolve().parents[1]
-    if not torch.cuda.is_available():
-        done = subprocess.run([sys.executable, str(root / "scripts" / "gpu_check.py"), str(tmp_path)],
-                              capture_output=True, text=True, env={"CUDA_VISIBLE_DEVICES": "", "PATH": ""})
-        assert done.returncode == 2 and "no CUDA GPU" in done.stderr
-    sys.path.insert(0, str(root / "scripts"))
-    try:
-        import gpu_check
-    finally:
-        sys.path.pop(0)
-    xml = tmp_path / "r.xml"
-    xml.write_text('<testsuites><testsuite><testcase classname="tests.test_fast" name="test_cuda_x"/>'
-                   '<testcase classname="t" name="b"><failure/></testcase>'
-                   '<testcase classname="t" name="c"><skipped/></testcase></testsuite></testsuites>')
-    assert gpu_check.junit_summary(xml) == {"passed": 1, "failed": 1, "skipped": 1,
-                                            "cuda_tests": {"tests.test_fast::test_cuda_x": "passed"}}
 
 
 def test_forced_selections_flex_equals_reference_cpu(tiny):
@@ -141,3 +111,15 @@ def test_forced_selections_on_a_sequence_too_short_to_compress(tiny):
         for backend in ("reference", "flex"):
             with lrsa(tiny, cfg, backend=backend, keep=cache.kept_position_mask()):
                 assert (tiny(ids).logits - dense).abs().max().item() <= 1e-4
+
+
+def test_chunked_prefill_rejects_a_cache_it_cannot_fill(tiny):
+    import pytest
+
+    from lrsa_viz import LagKVCache
+
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(12))
+    with pytest.raises(ValueError, match="mode='recursive'"):
+        chunked_prefill(tiny, ids, CFG, cache=LagKVCache(CFG, mode="one_shot"))
+    with pytest.raises(ValueError, match="not both"):
+        chunked_prefill(tiny, ids, CFG, policy="random", cache=LagKVCache(CFG))

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from lrsa_viz import (LagConfig, LagKVCache, chunked_prefill, compressed_generate, disable_lrsa, enable_lrsa, lrsa,
                       lrsa_visibility)
-from lrsa_viz.agreement import compare_selections, logit_tolerance, selection_mask
+from lrsa_viz.agreement import compare_selections, logit_tolerance
+from lrsa_viz.scoring import keep_mask_from_scores
 from lrsa_viz.cache import LagKVLayer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +75,7 @@ def test_parallel_equals_chunked_smollm2(smollm2, name, cfg):
     assert ids.shape[1] == 1100
     agreement = compare_selections(model, ids, cfg)
     # each run's selection is exactly the top-k (tie rule) of its own scores: the cache selects what it scores
-    assert torch.equal(agreement.chunked_keep, selection_mask(agreement.chunked_scores, 1100, cfg))
+    assert torch.equal(agreement.chunked_keep, keep_mask_from_scores(agreement.chunked_scores, 1100, cfg))
     print(f"\nSmolLM2 {name} {cfg}: free runs: {agreement.summary()}")
     assert agreement.all_near_ties(), agreement.flips
     if agreement.n_flips == 0:
