@@ -481,16 +481,23 @@ def encode_example(tokenizer, example: dict) -> dict:
     return encode_examples(tokenizer, [example])[0]
 
 
-def collate(features: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+def collate(features: Sequence[dict], pad_token_id: int, width: int | None = None) -> dict[str, torch.Tensor]:
     """Right-padded batch from `encode_example` features.
 
+    Args:
+        width: pad every row to this many tokens (None: the longest feature). A fixed width per length bucket keeps
+            compiled attention kernels (FlexAttention) to one shape per bucket instead of one per batch.
     Returns:
         input_ids [B, T] (pad_token_id after the end), attention_mask [B, T] (1 = real token), labels [B, T]
         (-100 on prompt and padding).
     """
     if not features:
         raise ValueError("features: need at least one example to make a batch")
-    width = max(len(f["input_ids"]) for f in features)
+    longest = max(len(f["input_ids"]) for f in features)
+    if width is None:
+        width = longest
+    elif isinstance(width, bool) or not isinstance(width, int) or width < longest:
+        raise ValueError(f"width must be an integer >= the longest feature ({longest} tokens), got {width!r}")
     ids = torch.full((len(features), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(features), width), dtype=torch.long)
     labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)

@@ -41,6 +41,7 @@ from .qa_data import IGNORE_INDEX, collate, encode_examples, load_examples, load
 
 MODES = ("full", "lrsa")
 TINY_PREFIX = "tiny"  # model source "tiny" or "tiny:SEED": the tiny random Llama with the default tokenizer's vocab
+DEV_PAD_MULTIPLE = 512  # dev batches are padded to a multiple of this: few shapes for compiled kernels
 CURVE_FIELDS = ("step", "train_loss", "lr", "grad_norm", "tokens", "elapsed_s", "dev_loss", "dev_exact_match")
 
 
@@ -256,7 +257,9 @@ def dev_metrics(model, features: Sequence[dict], pad_token_id: int, batch_size: 
     model.eval()
     loss, tokens, correct = 0.0, 0, 0
     for i in range(0, len(features), batch_size):
-        batch = {k: v.to(device) for k, v in collate(features[i:i + batch_size], pad_token_id).items()}
+        chunk = features[i:i + batch_size]
+        width = -(-max(len(f["input_ids"]) for f in chunk) // DEV_PAD_MULTIPLE) * DEV_PAD_MULTIPLE
+        batch = {k: v.to(device) for k, v in collate(chunk, pad_token_id, width).items()}
         l, n, c = answer_loss_sums(model, batch)
         loss, tokens, correct = loss + float(l), tokens + int(n), correct + int(c)
     model.train(was_training)
@@ -403,11 +406,12 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, comm
         else:
             global_idx = step_indices(len(features), config.batch_size, step, config.seed)
         local_idx = global_idx[rank::world]
+        # grouped by length: every micro-batch of a bucket is padded to the bucket's width (one kernel shape)
+        width = bucket_width[buckets[local_idx[0]]] if config.group_by_length else None
         if config.micro_batch_tokens:
-            width = (bucket_width[buckets[local_idx[0]]] if config.group_by_length
-                     else max(len(features[i]["input_ids"]) for i in local_idx))
-            micro = divisor_at_most(len(local_idx), config.micro_batch_tokens // width)
-        batches = [collate([features[i] for i in local_idx[j:j + micro]], tokenizer.pad_token_id)
+            widest = width or max(len(features[i]["input_ids"]) for i in local_idx)
+            micro = divisor_at_most(len(local_idx), config.micro_batch_tokens // widest)
+        batches = [collate([features[i] for i in local_idx[j:j + micro]], tokenizer.pad_token_id, width)
                    for j in range(0, len(local_idx), micro)]
         local_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
         global_tokens = int(accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum"))

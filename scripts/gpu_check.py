@@ -5,8 +5,10 @@ a GPU) and every notebook in its full profile through nbval, spread over the vis
 
 Writes RESULTS_DIR/gpu_check.json (pass/fail and wall time of each part, CUDA tests by name, GPU names, torch
 version, the command) and RESULTS_DIR/gpu_check.log (the last lines of every part's output). Exit status 1 if any
-part failed. Parts run in parallel, one per GPU at a time, longest first (unit tests use pytest-xdist workers when
-pytest-xdist is installed). ``--parts units notebooks/01_lagkv_step_by_step.ipynb ...`` runs a subset.
+part failed. Parts run longest first, ``--jobs-per-gpu`` at a time on each GPU, each with its share of the CPU
+threads (unit tests use pytest-xdist workers when pytest-xdist is installed). ``--parts units
+notebooks/01_lagkv_step_by_step.ipynb ...`` runs a subset; ``--time-limit S`` stops what still runs after S seconds
+and records it as timed out, with the end of its verbose output (which test or cell it was in).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import argparse
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -35,11 +38,16 @@ def gpu_names() -> list[str]:
 
 
 def part_command(part: str, junit: Path, workers: int) -> list[str]:
-    base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}"]
+    """pytest for one part, verbose (a part stopped at the time limit shows which test or cell it was in)."""
+    base = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", f"--junitxml={junit}"]
     if part == "units":
         xdist = ["-n", str(workers)] if workers > 1 and has_module("xdist") else []
-        return base + xdist + ["tests"]
+        return base + xdist + ["--durations=25", "tests"]
     return base + NBVAL + [part]
+
+
+def outcome(result: dict) -> str:
+    return "TIMED OUT" if result.get("timed_out") else ("PASS" if result["passed"] else "FAIL")
 
 
 def has_module(name: str) -> bool:
@@ -64,15 +72,28 @@ def junit_summary(path: Path) -> dict:
     return {**counts, "cuda_tests": cuda}
 
 
-def run_part(part: str, gpu: int, workdir: Path, workers: int) -> dict:
+def run_part(part: str, gpu: int, workdir: Path, workers: int, threads: int, deadline: float | None) -> dict:
+    """Run one part on GPU ``gpu`` with ``threads`` CPU threads; stop it at ``deadline`` (unix time) if it is still
+    running then (recorded as ``timed_out`` with the end of its output)."""
     junit = workdir / (part.replace("/", "_") + ".xml")
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu), "LRSA_VIZ_PROFILE": "full", "TQDM_DISABLE": "1",
+           "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     start = time.time()
-    done = subprocess.run(part_command(part, junit, workers), cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.Popen(part_command(part, junit, workers), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=None if deadline is None else max(deadline - time.time(), 1.0))
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the notebook kernels too
+        output, _ = proc.communicate()
+        timed_out = True
     wall = time.time() - start
-    return {"part": part, "gpu": gpu, "passed": done.returncode == 0, "returncode": done.returncode,
-            "wall_s": round(wall, 1), **junit_summary(junit), "output_tail": (done.stdout + done.stderr)[-4000:]}
+    summary = junit_summary(junit) if not timed_out else {}
+    return {"part": part, "gpu": gpu, "passed": proc.returncode == 0 and not timed_out, "returncode": proc.returncode,
+            "timed_out": timed_out, "wall_s": round(wall, 1), "threads": threads, **summary,
+            "output_tail": output[-4000:]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs-per-gpu", type=int, default=1,
                         help="parts run at once on each GPU (notebooks are mostly host-bound: 4 fit an H200 and its "
                              "16 cores; wall times then include the sharing)")
+    parser.add_argument("--time-limit", type=float, default=None,
+                        help="seconds: parts still running then are stopped and recorded as timed out, parts not "
+                             "started are listed as not finished (default: no limit)")
     args = parser.parse_args(argv)
     import torch
 
@@ -93,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     parts.sort(key=lambda p: -EXPECTED_MIN.get(p, 3))
     slots = [g for g in range(torch.cuda.device_count()) for _ in range(max(1, args.jobs_per_gpu))]
     workers = max(1, min(8, (os.cpu_count() or 2) // (2 * len(slots))))
+    # parts side by side share the CPU cores: each gets its share of threads (16 threads per part on 16 cores,
+    # 5 parts at once, ran 3-4x slower than the parts alone: measured on an H200 host, 2026-11-29)
+    threads = max(1, (os.cpu_count() or 1) // len(slots))
+    deadline = None if args.time_limit is None else time.time() + args.time_limit
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     todo: queue.Queue[str] = queue.Queue()
@@ -107,11 +135,13 @@ def main(argv: list[str] | None = None) -> int:
                 part = todo.get_nowait()
             except queue.Empty:
                 return
-            result = run_part(part, gpu, workdir, workers)
+            if deadline is not None and time.time() > deadline - 5:
+                return  # not started: listed as not finished
+            result = run_part(part, gpu, workdir, workers, threads, deadline)
             with lock:
                 results.append(result)
                 write_record()
-                print(f"[gpu {gpu}] {part}: {'PASS' if result['passed'] else 'FAIL'} in {result['wall_s']} s", flush=True)
+                print(f"[gpu {gpu}] {part}: {outcome(result)} in {result['wall_s']} s", flush=True)
 
     start = time.time()
     out = Path(args.results)
@@ -127,14 +157,16 @@ def main(argv: list[str] | None = None) -> int:
             "command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "gpus": gpu_names(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "transformers": transformers.__version__, "python": sys.version.split()[0],
-            "complete": len(done) == len(parts), "all_passed": len(done) == len(parts) and all(r["passed"] for r in done),
+            "complete": len(done) == len(parts) and not any(r["timed_out"] for r in done), "all_passed": len(done) == len(parts) and all(r["passed"] for r in done),
             "not_finished": [p for p in parts if p not in {r["part"] for r in done}],
+            "timed_out": [r["part"] for r in done if r["timed_out"]],
             "wall_s": round(time.time() - start, 1), "jobs_per_gpu": max(1, args.jobs_per_gpu),
+            "threads_per_part": threads, "time_limit_s": args.time_limit,
             "parts": [{k: v for k, v in r.items() if k != "output_tail"} for r in done],
         }
         (out / "gpu_check.json").write_text(json.dumps(record, indent=1) + "\n")
         (out / "gpu_check.log").write_text("".join(
-            f"==== {r['part']} (gpu {r['gpu']}, {r['wall_s']} s, {'PASS' if r['passed'] else 'FAIL'})\n{r['output_tail']}\n"
+            f"==== {r['part']} (gpu {r['gpu']}, {r['wall_s']} s, {outcome(r)})\n{r['output_tail']}\n"
             for r in done))
         return record
 

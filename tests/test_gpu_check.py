@@ -1,25 +1,49 @@
-"""scripts/gpu_check.py on a machine without CUDA: a clear refusal, and its JUnit summary read correctly."""
+"""scripts/gpu_check.py on a machine without CUDA: a clear refusal, its JUnit summary read correctly, a part stopped
+at the time limit recorded as timed out with its output, the CPU threads given to each part."""
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 
-def test_gpu_check_refuses_without_cuda_and_reads_junit(tmp_path):
-    root = Path(__file__).resolve().parents[1]
-    if not torch.cuda.is_available():
-        done = subprocess.run([sys.executable, str(root / "scripts" / "gpu_check.py"), str(tmp_path)],
-                              capture_output=True, text=True, env={"CUDA_VISIBLE_DEVICES": "", "PATH": ""})
-        assert done.returncode == 2 and "no CUDA GPU" in done.stderr
-    sys.path.insert(0, str(root / "scripts"))
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def import_gpu_check():
+    sys.path.insert(0, str(ROOT / "scripts"))
     try:
         import gpu_check
     finally:
         sys.path.pop(0)
+    return gpu_check
+
+
+def test_gpu_check_refuses_without_cuda_and_reads_junit(tmp_path):
+    root = ROOT
+    if not torch.cuda.is_available():
+        done = subprocess.run([sys.executable, str(root / "scripts" / "gpu_check.py"), str(tmp_path)],
+                              capture_output=True, text=True, env={"CUDA_VISIBLE_DEVICES": "", "PATH": ""})
+        assert done.returncode == 2 and "no CUDA GPU" in done.stderr
+    gpu_check = import_gpu_check()
     xml = tmp_path / "r.xml"
     xml.write_text('<testsuites><testsuite><testcase classname="tests.test_fast" name="test_cuda_x"/>'
                    '<testcase classname="t" name="b"><failure/></testcase>'
                    '<testcase classname="t" name="c"><skipped/></testcase></testsuite></testsuites>')
     assert gpu_check.junit_summary(xml) == {"passed": 1, "failed": 1, "skipped": 1,
                                             "cuda_tests": {"tests.test_fast::test_cuda_x": "passed"}}
+
+
+def test_a_part_past_the_time_limit_is_stopped_and_recorded(tmp_path, monkeypatch):
+    gpu_check = import_gpu_check()
+    script = "import os, sys, time; print('threads', os.environ['OMP_NUM_THREADS'], flush=True); time.sleep(float(sys.argv[1]))"
+    monkeypatch.setattr(gpu_check, "part_command", lambda part, junit, workers: [sys.executable, "-c", script, part])
+    t0 = time.time()
+    slow = gpu_check.run_part("60", 0, tmp_path, 1, threads=3, deadline=time.time() + 2)
+    assert time.time() - t0 < 30, "stopped at the deadline, not after the part's 60 s"
+    assert slow["timed_out"] and not slow["passed"] and "threads 3" in slow["output_tail"]
+    assert gpu_check.outcome(slow) == "TIMED OUT"
+    quick = gpu_check.run_part("0", 0, tmp_path, 1, threads=2, deadline=time.time() + 60)
+    assert quick["passed"] and not quick["timed_out"] and "threads 2" in quick["output_tail"]
+    assert quick["threads"] == 2 and gpu_check.outcome(quick) == "PASS"

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lrsa_viz.qa_data import (FACT_KINDS, IGNORE_INDEX, QAConfig, QAGenerator, collate, encode_example, encode_prompt,
                               load_examples, load_tokenizer, read_jsonl, write_jsonl)
@@ -117,6 +118,12 @@ def test_collate_pads_on_the_right(tok, short):
         assert (batch["labels"][i, n:] == IGNORE_INDEX).all()
     with pytest.raises(ValueError, match="at least one"):
         collate([], 0)
+    wide = collate(feats, tok.pad_token_id, width=max(lengths) + 5)
+    assert wide["input_ids"].shape == (8, max(lengths) + 5)
+    assert torch.equal(wide["input_ids"][:, :max(lengths)], batch["input_ids"])
+    assert (wide["labels"][:, -5:] == IGNORE_INDEX).all() and (wide["attention_mask"][:, -5:] == 0).all()
+    with pytest.raises(ValueError, match="width must be an integer >= the longest feature"):
+        collate(feats, tok.pad_token_id, width=max(lengths) - 1)
 
 
 def test_jsonl_round_trip_and_line_numbers_in_errors(tmp_path, short):

@@ -9,9 +9,11 @@ from safetensors.torch import load_file
 
 from lrsa_viz.config import LagConfig
 from lrsa_viz.evaluate import Setting, greedy_answers
-from lrsa_viz.qa_data import IGNORE_INDEX, QAConfig, QAGenerator, collate, encode_example, load_tokenizer, write_jsonl
-from lrsa_viz.train import (TrainConfig, answer_loss_sums, answer_positions, bucketed_step_indices, check_attention,
-                            divisor_at_most, length_bucket, load_run, load_source, main, step_indices, train)
+from lrsa_viz.qa_data import (IGNORE_INDEX, QAConfig, QAGenerator, collate, encode_example, encode_examples,
+                              load_tokenizer, write_jsonl)
+from lrsa_viz.train import (DEV_PAD_MULTIPLE, TrainConfig, answer_loss_sums, answer_positions, bucketed_step_indices,
+                            check_attention, divisor_at_most, length_bucket, load_run, load_source, main, step_indices,
+                            train)
 
 LAG = LagConfig(sink_size=8, lag_size=32, ratio=0.25)
 
@@ -53,7 +55,8 @@ def test_bucketed_batches_come_from_one_bucket_and_cover_the_epoch():
     assert {i for b in epoch for i in b} == set(range(12)), "every example once per epoch (plus top-ups)"
     assert epoch == [bucketed_step_indices(buckets, 4, s, seed=3) for s in range(per_epoch)], "pure function"
     assert epoch != [bucketed_step_indices(buckets, 4, s, seed=4) for s in range(per_epoch)]
-    assert bucketed_step_indices(buckets, 4, per_epoch, seed=3) != epoch[0] or True  # next epoch reshuffles
+    next_epoch = [bucketed_step_indices(buckets, 4, per_epoch + s, seed=3) for s in range(per_epoch)]
+    assert next_epoch != epoch and {i for b in next_epoch for i in b} == set(range(12)), "next epoch reshuffles"
     assert length_bucket({"context_tokens": 8000}, 8123) == 8000 and length_bucket({}, 5000) == 4
     assert [divisor_at_most(16, c) for c in (0, 1, 3, 5, 7, 9, 16, 40)] == [1, 1, 2, 4, 4, 8, 16, 16]
 
@@ -66,7 +69,22 @@ def test_grouped_run_with_a_time_limit_resumes_like_an_uninterrupted_one(tok, tm
     train_file = str(write_jsonl(tmp_path / "mix.jsonl", mix))
     data = {"train": train_file, "dev": train_file}
     kw = dict(steps=4, batch_size=4, group_by_length=True, micro_batch_tokens=900, eval_every=0, mode="lrsa")
-    whole = train(make_config(data, tmp_path / "whole", **kw), progress=False)
+    widths = []
+
+    def recording_collate(features, pad_token_id, width=None):
+        batch = collate(features, pad_token_id, width)
+        widths.append(batch["input_ids"].shape[1])
+        return batch
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("lrsa_viz.train.collate", recording_collate)
+        whole = train(make_config(data, tmp_path / "whole", **kw), progress=False)
+    feats = encode_examples(tok, mix)
+    bucket_widths = {max(len(f["input_ids"]) for f, ex in zip(feats, mix) if ex["context_tokens"] == n)
+                     for n in (192, 384)}
+    train_widths = {w for w in widths if w % DEV_PAD_MULTIPLE}  # the dev batches: multiples of DEV_PAD_MULTIPLE
+    assert train_widths == bucket_widths, "every training micro-batch is padded to its bucket's width"
+    assert len(widths) > len(train_widths) + 4
     steps_tokens = [b["tokens"] - a for a, b in zip([0] + [r["tokens"] for r in whole], whole)]
     assert all(t < 4 * 300 or t > 4 * 400 for t in steps_tokens), "each batch holds one document length"
     part = train(make_config(data, tmp_path / "part", **kw, max_seconds=1e-9), progress=False)
