@@ -6,6 +6,11 @@ Settings (each a row of the results table, per model):
   chunk by chunk (S + 2L tokens, then L at a time) through a recursive `LagKVCache` that compresses after every
   chunk; decoding continues on that cache. Token for token the same as `lrsa_viz.compressed_generate`
   (tested), but computes logits only where they are used.
+  For ``lagkv/chunked`` the same prompt can instead go through ONE parallel LRSA forward
+  (`lrsa_viz.static_generate.static_prefill`, FlexAttention on CUDA) into a `StaticLagKVCache` that stores what
+  that pass selected, decoding over it (``chunked_prefill="parallel"``, the default on CUDA): by METHOD §3 it equals
+  chunk-by-chunk prefill given the same selections, so the greedy tokens agree up to near-ties of the nearly flat
+  scores (equal on CPU in float32, tested). The baselines have no parallel form: they always go chunk by chunk.
 - ``<policy>/one_shot`` at ratio r: an exact prefill of the chat header + document, compressed once
   (``LagKVCache(mode="one_shot")``); the question and the answer are appended uncompressed.
 Policies: ``lagkv``; the same-budget baselines ``streaming`` (StreamingLLM: sink + most recent), ``random`` and
@@ -13,12 +18,13 @@ Policies: ``lagkv``; the same-budget baselines ``streaming`` (StreamingLLM: sink
 
 Full KV and every one-shot setting start from the same exact prefill of the document: `greedy_answers_many`
 computes it once per batch and hands a copy of its K/V to each of them (token for token what `greedy_answers`
-gives setting by setting, tested); chunked settings each run their own chunk-by-chunk prefill.
+gives setting by setting, tested); chunked settings each run their own prefill of the whole prompt.
 
 Scores: exact match and token F1 of the normalised answer (SQuAD normalisation), ``contains`` (the gold answer
 appears among the answer's words) and ``score``, the mean of each example's own metric (its ``metric`` field:
 exact match, or set F1 for answers that are sets; `lrsa_viz.tasks.metrics`). ``kv_fraction``: stored / seen
-tokens in the cache once the prompt is read, MEASURED (not the nominal ratio).
+tokens in the cache once the prompt is read, MEASURED (not the nominal ratio). ``prefill``: how the prompt was
+read (`prefill_of`): ``exact``, ``chunks`` or ``parallel``.
 
     python -m lrsa_viz.evaluate --data data/qa/test.jsonl --base default --run full=runs/full \\
         --run lrsa=runs/lrsa --out data/results --name finetune
@@ -49,6 +55,8 @@ from .cli import add_debug_flag, run_cli
 from .config import LagConfig
 from .policies import RandomPolicy, SnapKVPolicy, make_policy
 from .prefill import prefill_chunks
+from .static_cache import StaticLagKVCache
+from .static_generate import static_lagkv, static_prefill
 from .budget import warn_if_answers_exceed_budget
 from .qa_data import encode_prompts, load_examples
 from .tasks.metrics import exact_match, normalize_answer, score as task_score
@@ -57,8 +65,11 @@ POLICY_NAMES = ("lagkv", "streaming", "random", "snapkv")
 BASELINES = ("streaming", "random", "snapkv")
 PATTERNS = ("chunked", "one_shot")
 DEFAULT_RATIOS = (0.5, 0.25, 0.125)
-ROW_FIELDS = ("model", "setting", "policy", "pattern", "ratio", "sink_size", "lag_size", "exact_match", "f1",
-              "contains", "score", "n", "kv_fraction", "seconds")
+ROW_FIELDS = ("model", "setting", "policy", "pattern", "prefill", "ratio", "sink_size", "lag_size", "exact_match",
+              "f1", "contains", "score", "n", "kv_fraction", "seconds")
+#: How ``lagkv/chunked`` settings read the prompt: chunk by chunk through a `LagKVCache` (the teaching path), one
+#: parallel LRSA forward into a `StaticLagKVCache`, or "auto" (parallel when the input is on CUDA).
+CHUNKED_PREFILLS = ("auto", "chunks", "parallel")
 
 
 @dataclass(frozen=True)
@@ -132,14 +143,46 @@ def example_score(prediction: str, example: dict) -> float:
 # Greedy answers under a cache setting
 
 
+def setting_config(setting: Setting, lag: LagConfig) -> LagConfig:
+    """``lag`` (sink_size, lag_size, score_v_ratio) at the ratio of a compressed ``setting``."""
+    return LagConfig(sink_size=lag.sink_size, lag_size=lag.lag_size, ratio=setting.ratio,
+                     score_v_ratio=lag.score_v_ratio)
+
+
 def make_cache(setting: Setting, lag: LagConfig, seed: int = 0):
     """A fresh cache for one batch: DynamicCache for full KV, else a LagKVCache with the setting's policy."""
     if setting.policy is None:
         return DynamicCache()
-    cfg = LagConfig(sink_size=lag.sink_size, lag_size=lag.lag_size, ratio=setting.ratio,
-                    score_v_ratio=lag.score_v_ratio)
     policy = RandomPolicy(seed=seed) if setting.policy == "random" else make_policy(setting.policy)
-    return LagKVCache(cfg, mode="recursive" if setting.pattern == "chunked" else "one_shot", policy=policy)
+    return LagKVCache(setting_config(setting, lag), mode="recursive" if setting.pattern == "chunked" else "one_shot",
+                      policy=policy)
+
+
+def resolve_chunked_prefill(chunked_prefill: str, device: torch.device | str) -> str:
+    """``"chunks"`` or ``"parallel"``: ``chunked_prefill`` (one of CHUNKED_PREFILLS) for inputs on ``device``;
+    ``"auto"`` is ``"parallel"`` on CUDA and ``"chunks"`` elsewhere (the CPU keeps the readable teaching path)."""
+    if not isinstance(chunked_prefill, str) or chunked_prefill not in CHUNKED_PREFILLS:
+        raise ValueError(f"chunked_prefill must be one of {CHUNKED_PREFILLS}, got {chunked_prefill!r}")
+    if chunked_prefill == "auto":
+        return "parallel" if torch.device(device).type == "cuda" else "chunks"
+    return chunked_prefill
+
+
+def prefill_of(setting: Setting, chunked_prefill: str = "auto", device: torch.device | str = "cpu") -> str:
+    """How a prompt on ``device`` is read under ``setting``: ``"exact"`` (full KV and one-shot: an exact prefill of the
+    document, then the rest), ``"parallel"`` (``lagkv/chunked`` through one parallel LRSA forward, when
+    ``chunked_prefill`` resolves to it) or ``"chunks"`` (every other chunked setting: the baselines have no parallel
+    form, so they go chunk by chunk whatever ``chunked_prefill`` says)."""
+    mode = resolve_chunked_prefill(chunked_prefill, device)
+    if setting.policy is None or setting.pattern == "one_shot":
+        return "exact"
+    return "parallel" if setting.policy == "lagkv" and mode == "parallel" else "chunks"
+
+
+def row_prefill(row: dict) -> str:
+    """A result row's ``prefill``; rows written before the field existed were all read chunk by chunk (chunked)
+    or exactly (full KV, one-shot)."""
+    return row.get("prefill") or ("chunks" if row.get("pattern") == "chunked" else "exact")
 
 
 def prompt_spans(n_tokens: int, context_end: int, setting: Setting, lag: LagConfig) -> list[tuple[int, int]]:
@@ -169,7 +212,14 @@ def _policy_context(model, cache):
 
 
 def _kv_fraction(cache, n_tokens: int) -> float:
-    stored = cache.stored_lengths() if isinstance(cache, LagKVCache) else [n_tokens] * len(cache.layers)
+    """Stored / seen tokens averaged over layers (a `StaticLagKVCache` stores eq. 12 of the seen tokens in every
+    layer, what `LagKVCache.stored_lengths` gives per layer after the same tokens)."""
+    if isinstance(cache, LagKVCache):
+        stored = cache.stored_lengths()
+    elif isinstance(cache, StaticLagKVCache):
+        stored = [cache.stored_length()] * len(cache.layers)
+    else:
+        stored = [n_tokens] * len(cache.layers)
     return sum(stored) / (len(stored) * n_tokens)
 
 
@@ -187,20 +237,42 @@ def _greedy_decode(model, logits: torch.Tensor, cache, max_new_tokens: int, eos_
     return torch.stack(out, dim=1)
 
 
+def _parallel_answers(model, input_ids: torch.Tensor, config: LagConfig, max_new_tokens: int,
+                      eos_token_id: int) -> tuple[torch.Tensor, float]:
+    """``lagkv/chunked`` through one parallel LRSA forward: the prompt [B, N] into a `StaticLagKVCache` sized for
+    N + max_new_tokens (`static_prefill`), then `_greedy_decode` over it with the static attention implementation
+    (`static_lagkv`, which compresses every L tokens in place). Returns (tokens [B, T], kv_fraction) like
+    `greedy_answers`; the model's attention implementation is left as it was."""
+    n = input_ids.shape[1]
+    logits, cache = static_prefill(model, input_ids, config, max_cache_len=n + max_new_tokens)  # logits [B, 1, V]
+    kv_fraction = _kv_fraction(cache, n)
+    with static_lagkv(model, config):
+        tokens = _greedy_decode(model, logits[:, -1], cache, max_new_tokens, eos_token_id)
+    cache.check_overflow()
+    return tokens, kv_fraction
+
+
 @torch.no_grad()
 def greedy_answers(model, input_ids: torch.Tensor, context_end: int, setting: Setting, lag: LagConfig,
-                   max_new_tokens: int, eos_token_id: int, seed: int = 0) -> tuple[torch.Tensor, float]:
+                   max_new_tokens: int, eos_token_id: int, seed: int = 0,
+                   chunked_prefill: str = "auto") -> tuple[torch.Tensor, float]:
     """Greedy decoding of an unpadded batch of prompts under one cache setting.
 
     Args:
         input_ids: [B, N] prompts of one length (no padding: LagKV partitions must line up).
         context_end: prompt tokens before the question (one-shot compresses ``input_ids[:, :context_end]``).
         lag: sink_size, lag_size and score_v_ratio of the LagKV caches (the ratio comes from ``setting``).
+        chunked_prefill: how ``lagkv/chunked`` reads the prompt, one of CHUNKED_PREFILLS: ``"chunks"`` (chunk by
+            chunk through a `LagKVCache`), ``"parallel"`` (one parallel LRSA forward into a `StaticLagKVCache`;
+            needs a model family LRSA supports) or ``"auto"`` (parallel when ``input_ids`` is on CUDA). Other
+            policies' chunked settings always go chunk by chunk (`prefill_of`).
     Returns:
         (new tokens [B, T] with T <= max_new_tokens, eos_token_id after a row's end; kv_fraction = stored / seen
         tokens averaged over layers once the prompt is read).
     """
     _check_greedy_inputs(input_ids, max_new_tokens)
+    if prefill_of(setting, chunked_prefill, input_ids.device) == "parallel":
+        return _parallel_answers(model, input_ids, setting_config(setting, lag), max_new_tokens, eos_token_id)
     cache = make_cache(setting, lag, seed)
     n = input_ids.shape[1]
     with _policy_context(model, cache):
@@ -214,9 +286,11 @@ def greedy_answers(model, input_ids: torch.Tensor, context_end: int, setting: Se
 @torch.no_grad()
 def greedy_answers_many(model, input_ids: torch.Tensor, context_end: int, settings: Sequence[Setting],
                         lag: LagConfig, max_new_tokens: int, eos_token_id: int, seed: int = 0,
-                        seconds: dict | None = None) -> dict[Setting, tuple[torch.Tensor, float]]:
+                        seconds: dict | None = None,
+                        chunked_prefill: str = "auto") -> dict[Setting, tuple[torch.Tensor, float]]:
     """`greedy_answers` for several settings, with ONE exact prefill of the document shared by full KV and every
-    one-shot setting (each gets a copy of its K/V, compressed once by its own policy).
+    one-shot setting (each gets a copy of its K/V, compressed once by its own policy); chunked settings run on their
+    own, ``lagkv/chunked`` as ``chunked_prefill`` says (`greedy_answers`).
 
     Returns:
         {setting: (tokens [B, T], kv_fraction)}, token for token what `greedy_answers` returns (tested).
@@ -224,6 +298,7 @@ def greedy_answers_many(model, input_ids: torch.Tensor, context_end: int, settin
     counted in the full-KV setting, or in the first one-shot setting without it).
     """
     _check_greedy_inputs(input_ids, max_new_tokens)
+    resolve_chunked_prefill(chunked_prefill, input_ids.device)  # bad values fail before any work
     n = input_ids.shape[1]
     device = input_ids.device
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
@@ -264,7 +339,8 @@ def greedy_answers_many(model, input_ids: torch.Tensor, context_end: int, settin
     for s in settings:
         if s not in out:
             t0 = time.perf_counter()
-            out[s] = greedy_answers(model, input_ids, context_end, s, lag, max_new_tokens, eos_token_id, seed)
+            out[s] = greedy_answers(model, input_ids, context_end, s, lag, max_new_tokens, eos_token_id, seed,
+                                    chunked_prefill)
             timed(s, t0)
     return out
 
@@ -294,11 +370,12 @@ def budget_examples(examples: Sequence[dict]) -> list[dict]:
 
 def evaluate_model(model, tokenizer, examples: Sequence[dict], settings: Sequence[Setting], lag: LagConfig,
                    batch_size: int = 16, max_new_tokens: int = 16, seed: int = 0, model_name: str = "model",
-                   progress: bool = True) -> list[dict]:
+                   progress: bool = True, chunked_prefill: str = "auto") -> list[dict]:
     """One result row per setting (see ROW_FIELDS) with the answers in ``row["predictions"]``.
 
     Prompts of equal length (and equal context_end) are batched together, ``batch_size`` at a time; within a
-    batch every setting is run (`greedy_answers_many`).
+    batch every setting is run (`greedy_answers_many`; ``chunked_prefill``: how ``lagkv/chunked`` reads the
+    prompt, see `greedy_answers`). Each row's ``prefill`` says how its prompts were read (`prefill_of`).
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
@@ -306,11 +383,12 @@ def evaluate_model(model, tokenizer, examples: Sequence[dict], settings: Sequenc
         raise ValueError("examples: nothing to evaluate")
     if not settings or len(set(settings)) != len(settings):
         raise ValueError(f"settings: need at least one setting and no repeats, got {list(settings)}")
+    device = next(model.parameters()).device
+    resolve_chunked_prefill(chunked_prefill, device)
     parts = budget_examples(examples)
     for ratio in sorted({s.ratio for s in settings if s.policy is not None}):  # answers that cannot be kept whole
         warn_if_answers_exceed_budget(tokenizer, parts, dataclasses.replace(lag, ratio=ratio),
                                       f"evaluate {model_name} at ratio {ratio}")
-    device = next(model.parameters()).device
     groups = group_prompts(tokenizer, examples)
     batches = [(key[1], members[i:i + batch_size]) for key, members in sorted(groups.items())
                for i in range(0, len(members), batch_size)]
@@ -320,7 +398,8 @@ def evaluate_model(model, tokenizer, examples: Sequence[dict], settings: Sequenc
     for context_end, members in tqdm(batches, desc=f"evaluate {model_name}", disable=not progress):
         ids = torch.tensor([m[1] for m in members], device=device)
         answers = greedy_answers_many(model, ids, context_end, settings, lag, max_new_tokens,
-                                      tokenizer.eos_token_id, seed=seed, seconds=seconds)
+                                      tokenizer.eos_token_id, seed=seed, seconds=seconds,
+                                      chunked_prefill=chunked_prefill)
         for setting, (tokens, fraction) in answers.items():
             for (index, _), row_tokens in zip(members, tokens.tolist()):
                 predictions[setting][index] = decode_answer(tokenizer, row_tokens)
@@ -332,7 +411,8 @@ def evaluate_model(model, tokenizer, examples: Sequence[dict], settings: Sequenc
         preds = predictions[setting]
         rows.append({
             "model": model_name, "setting": setting.name, "policy": setting.policy or "none",
-            "pattern": setting.pattern or "none", "ratio": setting.ratio if setting.ratio is not None else 1.0,
+            "pattern": setting.pattern or "none", "prefill": prefill_of(setting, chunked_prefill, device),
+            "ratio": setting.ratio if setting.ratio is not None else 1.0,
             "sink_size": lag.sink_size, "lag_size": lag.lag_size,
             "exact_match": sum(map(exact_match, preds, golds)) / n,
             "f1": sum(map(token_f1, preds, golds)) / n,
@@ -380,13 +460,14 @@ def file_sha256(path: str | Path) -> str:
 
 def run_evaluation(models: dict[str, Callable[[], tuple]], examples: Sequence[dict], settings: Sequence[Setting],
                    lag: LagConfig, batch_size: int, max_new_tokens: int, seed: int = 0,
-                   progress: bool = True) -> list[dict]:
+                   progress: bool = True, chunked_prefill: str = "auto") -> list[dict]:
     """Rows of every model under every setting. ``models``: name -> loader returning (model, tokenizer)."""
+    resolve_chunked_prefill(chunked_prefill, "cpu")
     rows = []
     for name, loader in models.items():
         model, tokenizer = loader()
         rows += evaluate_model(model, tokenizer, examples, settings, lag, batch_size, max_new_tokens, seed, name,
-                               progress)
+                               progress, chunked_prefill)
         del model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -436,9 +517,9 @@ def read_results(path: str | Path) -> dict:
 
 def results_table(results: dict) -> list[dict]:
     """The rows without their predictions (for display); rows of older files without ``score`` get their exact
-    match (the metric of the single-answer task)."""
-    return [{k: row.get(k, row["exact_match"]) if k == "score" else row[k] for k in ROW_FIELDS}
-            for row in results["rows"]]
+    match (the metric of the single-answer task), without ``prefill`` the prefill they had (`row_prefill`)."""
+    old = {"score": lambda row: row.get("score", row["exact_match"]), "prefill": row_prefill}
+    return [{k: old[k](row) if k in old else row[k] for k in ROW_FIELDS} for row in results["rows"]]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -476,6 +557,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--seed", type=int, default=0, help="seed of the random-selection baseline")
+    p.add_argument("--chunked-prefill", choices=CHUNKED_PREFILLS, default="auto",
+                   help="lagkv/chunked rows: chunk by chunk through a LagKVCache, or one parallel LRSA forward into a "
+                        "StaticLagKVCache (equal up to near-ties of the scores); auto = parallel on CUDA. The "
+                        "baselines' chunked rows always go chunk by chunk")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto", help="auto: bf16 on CUDA")
     p.add_argument("--out", default="data/results")
     p.add_argument("--name", default="finetune")
@@ -507,7 +592,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if not models:
         raise ValueError("nothing to evaluate: give --base and/or --run NAME=RUN_DIR")
     rows = run_evaluation(models, examples, settings, lag, a.batch_size, a.max_new_tokens, a.seed,
-                          progress=not a.no_progress)
+                          progress=not a.no_progress, chunked_prefill=a.chunked_prefill)
     results = {
         "command": "python -m lrsa_viz.evaluate " + shlex.join(sys.argv[1:] if argv is None else list(argv)),
         "experiment": a.experiment,
@@ -518,6 +603,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "lag": {"sink_size": a.sink_size, "lag_size": a.lag_size, "ratios": a.ratios,
                 "top_k": {str(r): int(r * a.lag_size) for r in a.ratios}},
         "max_new_tokens": a.max_new_tokens,
+        "chunked_prefill": a.chunked_prefill,
         "base": a.base,
         "runs": run_info,
         "rows": rows,

@@ -12,6 +12,8 @@ Jobs, in priority order (a worker takes the first one whose inputs exist and nob
 2. ``prose/<seed>/<model>``: loss on held-out prose (full cache);
 3. ``eval/<seed>/<model>/core/<task>/<ctx>``: full KV, LagKV chunked and one-shot, and the one-shot baselines
    (cheap: they share the exact prefill), at every ratio, for the first ``priority_tasks`` tasks, then the rest;
+   LagKV chunked reads each prompt in ONE parallel LRSA forward on the GPU (`lrsa_viz.evaluate`,
+   ``chunked_prefill="auto"``; chunk by chunk on the CPU), recorded in each row's ``prefill``;
 4. ``eval/.../chunked@<r>/...``: the chunked baselines (StreamingLLM, random, SnapKV), ratio 0.25 first.
 Each job leaves ``W/done/<job>.json``; a rerun skips what is done and resumes an interrupted training run from
 its checkpoint, so a time-limited session continues where the last one stopped (same machine, same W).
@@ -42,8 +44,8 @@ from ..cli import add_debug_flag, run_cli
 
 MODES = ("full", "lrsa")
 MODELS = ("base", "full", "lrsa")
-ROW_KEYS = ("task", "context_tokens", "seed", "model", "setting", "policy", "pattern", "ratio", "metric", "score",
-            "exact_match", "kv_fraction", "n", "seconds")
+ROW_KEYS = ("task", "context_tokens", "seed", "model", "setting", "policy", "pattern", "prefill", "ratio", "metric",
+            "score", "exact_match", "kv_fraction", "n", "seconds")
 
 
 @dataclass
@@ -458,7 +460,8 @@ class Worker:
         lag = LagConfig(c.sink_size, c.lag_size, min(c.ratios))
         rows = evaluate_model(self.model(seed, name), self.tokenizer, examples, tier_settings(c, tier), lag,
                               batch_size=max(1, c.eval_batch_tokens // prompt_tokens), max_new_tokens=answer_tokens + 3,
-                              seed=seed, model_name=name, progress=self.progress)
+                              seed=seed, model_name=name, progress=self.progress,
+                              chunked_prefill="auto")  # LagKV chunked: one parallel LRSA prefill on CUDA
         for row in rows:
             row.update(task=task, context_tokens=int(ctx), seed=seed, metric=task_metric(task), tier=tier)
         import torch
@@ -495,6 +498,7 @@ def collect(work: Work, out_dir: str | Path, name: str, command: str | None = No
     """Gather every finished job into ``<name>.json``, ``<name>.csv`` and ``<name>_predictions.json.gz``."""
     import csv
 
+    from ..evaluate import row_prefill
     from ..profile import environment_record
 
     config = work.config()
@@ -506,7 +510,7 @@ def collect(work: Work, out_dir: str | Path, name: str, command: str | None = No
         if kind == "eval":
             for row in payload["rows"]:
                 preds = row.pop("predictions")
-                rows.append(row)
+                rows.append(row | {"prefill": row_prefill(row)})  # rows of earlier calls may lack it
                 predictions.append({k: row[k] for k in ("task", "context_tokens", "seed", "model", "setting", "ratio")}
                                    | {"predictions": preds, "answers": payload["answers"], "depths": payload["depths"],
                                       "others": payload.get("others")})

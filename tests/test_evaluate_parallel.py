@@ -1,0 +1,247 @@
+"""Evaluation of ``lagkv/chunked`` through one parallel LRSA prefill (``chunked_prefill="parallel"``): the same greedy
+tokens and the same measured kv_fraction as chunk-by-chunk prefill (``"chunks"``), setting by setting, for several
+settings at once and for the whole table; the model is left as it was; other policies always go chunk by chunk.
+
+On CPU in float32 the tiny model's prompts below give EXACTLY the same tokens on both paths: compared with ==. The
+two paths compute K/V with different matrix shapes, so a near-tie of the LagKV scores (METHOD §3, "free runs")
+could flip a selection on other inputs; none occurs on these (fixed) inputs, which is what the tests check.
+"""
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+import lrsa_viz.evaluate as evaluate
+from lrsa_viz import LagConfig
+from lrsa_viz.evaluate import (CHUNKED_PREFILLS, Setting, default_settings, evaluate_model, greedy_answers,
+                               greedy_answers_many, prefill_of, resolve_chunked_prefill, results_table, row_prefill)
+from lrsa_viz.qa_data import QAConfig, QAGenerator, encode_prompt, load_tokenizer
+from lrsa_viz.static_generate import STATIC_LAGKV
+from lrsa_viz.train import load_source
+
+LAG = LagConfig(sink_size=8, lag_size=32, ratio=0.25)  # S + 2L = 72
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    return load_source("tiny:0")[0]
+
+
+@pytest.fixture(scope="module")
+def examples(tok):
+    return QAGenerator(tok, QAConfig(context_tokens=192, n_facts=3), seed=0).split("test", 8)
+
+
+@pytest.fixture(scope="module")
+def batch(tok, examples):
+    """Two QA prompts of one length [2, N] (N = 242 here) and their context_end."""
+    by_len: dict[tuple[int, int], list[list[int]]] = {}
+    for ex in examples:
+        ids, end = encode_prompt(tok, ex)
+        by_len.setdefault((len(ids), end), []).append(ids)
+    (_, end), rows = max(by_len.items(), key=lambda kv: len(kv[1]))
+    return torch.tensor(rows[:2]), end
+
+
+@pytest.fixture
+def count_static_prefills(monkeypatch):
+    """{"calls": how often evaluate's parallel path ran `static_prefill`} (so an equality cannot hold vacuously)."""
+    counter = {"calls": 0}
+    real = evaluate.static_prefill
+
+    def counted(*args, **kwargs):
+        counter["calls"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "static_prefill", counted)
+    return counter
+
+
+@pytest.fixture
+def decode_attention(monkeypatch):
+    """The model's attention implementation during each `_greedy_decode` call, in order. (The tiny model's peaked
+    attention barely notices the empty buffer slots that plain SDPA would also attend to: ~1e-6 on the logits, so
+    equal tokens alone would not show that decoding runs the static implementation.)"""
+    seen: list[str] = []
+    real = evaluate._greedy_decode
+
+    def recorded(model, *args, **kwargs):
+        seen.append(model.config._attn_implementation)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "_greedy_decode", recorded)
+    return seen
+
+
+def both(model, ids, context_end, setting, lag, new, eos, **kw):
+    """(tokens, kv_fraction) of "chunks" and of "parallel"."""
+    return [greedy_answers(model, ids, context_end, setting, lag, new, eos, chunked_prefill=mode, **kw)
+            for mode in ("chunks", "parallel")]
+
+
+# ------------------------------------------------------------------------------------------- one setting
+@pytest.mark.parametrize("cfg, prompt_len", [
+    (LAG, 30),                          # shorter than S + 2L: nothing compressed by the prompt
+    (LAG, 72),                          # exactly S + 2L
+    (LAG, 73),
+    (LAG, None),                        # the whole QA prompt (242 tokens)
+    (LagConfig(8, 32, 0.5), None),
+    (LagConfig(8, 32, 0.125), None),
+    (LagConfig(4, 8, 0.5), None),       # L = 8: several compressions while decoding 24 tokens
+    (LagConfig(3, 5, 0.2), None),
+    (LagConfig(16, 128, 0.25), None),   # S + 2L = 272 > 242: nothing compressed at all
+])
+def test_parallel_prefill_gives_the_tokens_and_kv_fraction_of_chunks(tiny_lm, tok, batch, cfg, prompt_len,
+                                                                     count_static_prefills, decode_attention):
+    ids, end = batch
+    ids = ids[:, :prompt_len] if prompt_len else ids
+    n = ids.shape[1]
+    setting = Setting("lagkv", "chunked", cfg.ratio)
+    (chunks, f_chunks), (parallel, f_parallel) = both(tiny_lm, ids, min(end, n - 1), setting, cfg, 24,
+                                                      tok.eos_token_id)
+    assert count_static_prefills["calls"] == 1
+    assert decode_attention == ["sdpa", STATIC_LAGKV], "decoding over the static cache uses its attention"
+    assert parallel.tolist() == chunks.tolist()
+    assert f_parallel == f_chunks == cfg.retained_length(n) / n
+    assert tiny_lm.config._attn_implementation == "sdpa", "the model is left as it was"
+
+
+def test_end_of_sequence_stops_rows_the_same_way(tiny_lm, batch):
+    """With an eos token that row 0 emits at its third step: both paths stop row 0 there (eos after it) and
+    return the same [B, T]."""
+    ids, end = batch
+    first, _ = greedy_answers(tiny_lm, ids, end, Setting("lagkv", "chunked", 0.5), LAG, 10, -1,
+                              chunked_prefill="chunks")
+    eos = int(first[0, 2])
+    assert eos not in first[0, :2].tolist()
+    (chunks, _), (parallel, _) = both(tiny_lm, ids, end, Setting("lagkv", "chunked", 0.5), LAG, 10, eos)
+    assert parallel.tolist() == chunks.tolist()
+    assert (chunks[0, 2:] == eos).all()
+
+
+# ---------------------------------------------------------------------------------- several settings, the table
+def test_many_settings_and_the_table_equal_chunks(tiny_lm, tok, examples, batch, count_static_prefills):
+    ids, end = batch
+    settings = default_settings((0.5, 0.125), baselines=("streaming", "snapkv"))
+    many = {mode: greedy_answers_many(tiny_lm, ids, end, settings, LAG, 6, tok.eos_token_id, seed=1,
+                                      chunked_prefill=mode) for mode in ("chunks", "parallel")}
+    assert count_static_prefills["calls"] == 2, "lagkv/chunked at each ratio, nothing else"
+    for s in settings:
+        assert many["parallel"][s][0].tolist() == many["chunks"][s][0].tolist(), s
+        assert many["parallel"][s][1] == many["chunks"][s][1], s
+    rows = {mode: evaluate_model(tiny_lm, tok, examples, settings, LAG, batch_size=4, max_new_tokens=5,
+                                 model_name="tiny", progress=False, chunked_prefill=mode)
+            for mode in ("chunks", "parallel")}
+    for a, b in zip(rows["chunks"], rows["parallel"]):
+        expected = {"full": "exact", "lagkv/one_shot": "exact", "lagkv/chunked": "parallel",
+                    "streaming/chunked": "chunks", "snapkv/chunked": "chunks"}[a["setting"]]
+        assert b["prefill"] == expected and a["prefill"] == ("chunks" if expected == "parallel" else expected)
+        same = lambda row: {k: v for k, v in row.items() if k not in ("seconds", "prefill")}  # noqa: E731
+        assert same(a) == same(b)
+    assert [r["prefill"] for r in results_table({"rows": rows["parallel"]})] == [r["prefill"] for r in rows["parallel"]]
+    assert tiny_lm.config._attn_implementation == "sdpa"
+
+
+def test_other_chunked_policies_go_chunk_by_chunk(tiny_lm, tok, batch, monkeypatch):
+    """"parallel" applies to lagkv only: the baselines have no parallel form and never reach `static_prefill`;
+    "auto" on the CPU is "chunks" for lagkv too."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("static_prefill must not run here")
+
+    monkeypatch.setattr(evaluate, "static_prefill", refuse)
+    ids, end = batch
+    for policy in ("streaming", "random", "snapkv"):
+        setting = Setting(policy, "chunked", 0.25)
+        assert prefill_of(setting, "parallel") == "chunks"
+        (chunks, f_chunks), (parallel, f_parallel) = both(tiny_lm, ids, end, setting, LAG, 4, tok.eos_token_id,
+                                                          seed=2)
+        assert parallel.tolist() == chunks.tolist() and f_parallel == f_chunks
+    greedy_answers(tiny_lm, ids, end, Setting("lagkv", "chunked", 0.25), LAG, 2, tok.eos_token_id)  # auto on CPU
+    assert prefill_of(Setting("lagkv", "chunked", 0.25), "auto", "cuda") == "parallel"
+    assert prefill_of(Setting("lagkv", "one_shot", 0.25), "parallel") == prefill_of(Setting(), "parallel") == "exact"
+
+
+# ------------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("bad", ["Parallel", "chunk", "", None, 1])
+def test_bad_chunked_prefill_is_rejected(tiny_lm, tok, examples, batch, bad):
+    ids, end = batch
+    lagkv = Setting("lagkv", "chunked", 0.25)
+    message = r"chunked_prefill must be one of \('auto', 'chunks', 'parallel'\)"
+    with pytest.raises(ValueError, match=message):
+        greedy_answers(tiny_lm, ids, end, lagkv, LAG, 2, tok.eos_token_id, chunked_prefill=bad)
+    with pytest.raises(ValueError, match=message):
+        greedy_answers(tiny_lm, ids, end, Setting(), LAG, 2, tok.eos_token_id, chunked_prefill=bad)
+    with pytest.raises(ValueError, match=message):
+        greedy_answers_many(tiny_lm, ids, end, [Setting(), lagkv], LAG, 2, tok.eos_token_id, chunked_prefill=bad)
+    with pytest.raises(ValueError, match=message):
+        evaluate_model(tiny_lm, tok, examples, [lagkv], LAG, progress=False, chunked_prefill=bad)
+    assert resolve_chunked_prefill("auto", "cpu") == "chunks" and CHUNKED_PREFILLS == ("auto", "chunks", "parallel")
+
+
+def test_cli_takes_chunked_prefill(tmp_path, examples):
+    """``--chunked-prefill parallel`` reaches the rows (and the results record it); argparse rejects other values."""
+    from lrsa_viz.qa_data import write_jsonl
+
+    data = str(write_jsonl(tmp_path / "test.jsonl", examples[:2]))
+    args = ["--data", data, "--base", "tiny:0", "--sink-size", "8", "--lag-size", "32", "--ratios", "0.25",
+            "--baselines", "--max-new-tokens", "2", "--out", str(tmp_path), "--no-progress"]
+    results = evaluate.main(args + ["--chunked-prefill", "parallel"])
+    assert results["chunked_prefill"] == "parallel"
+    assert {r["setting"]: r["prefill"] for r in results["rows"]} == {
+        "full": "exact", "lagkv/chunked": "parallel", "lagkv/one_shot": "exact"}
+    assert {r["setting"]: r["prefill"] for r in csv.DictReader((tmp_path / "finetune.csv").open())} == {
+        "full": "exact", "lagkv/chunked": "parallel", "lagkv/one_shot": "exact"}
+    with pytest.raises(SystemExit):
+        evaluate.main(args + ["--chunked-prefill", "fast"])
+
+
+# ------------------------------------------------------------------------------------ results of earlier runs
+def test_rows_without_prefill_get_the_prefill_they_had(tmp_path):
+    """Rows written before ``prefill`` existed were all read chunk by chunk or exactly: the tables (evaluate's and
+    the suite's CSV, e.g. of a resumed suite whose first calls predate the field) fill that in."""
+    from lrsa_viz.tasks.suite import ROW_KEYS, SuiteConfig, Work, collect, init_work
+
+    assert row_prefill({"pattern": "chunked"}) == "chunks" and row_prefill({"pattern": "none"}) == "exact"
+    assert row_prefill({"pattern": "chunked", "prefill": "parallel"}) == "parallel"
+    assert "prefill" in ROW_KEYS and "prefill" in evaluate.ROW_FIELDS
+    work = Work(tmp_path / "work")
+    init_work(work, SuiteConfig(model="tiny:0", seeds=(0,), tasks=("multi_key",), contexts=(400,), ratios=(0.25,),
+                                baselines=()))
+    common = {"task": "multi_key", "context_tokens": 400, "seed": 0, "model": "base", "ratio": 0.25,
+              "metric": "exact_match", "score": 0.5, "exact_match": 0.5, "f1": 0.5, "contains": 0.5, "n": 2,
+              "kv_fraction": 0.5, "seconds": 1.0, "predictions": ["1", "2"], "sink_size": 16, "lag_size": 128}
+    old = [{**common, "setting": "lagkv/chunked", "policy": "lagkv", "pattern": "chunked"},
+           {**common, "setting": "lagkv/one_shot", "policy": "lagkv", "pattern": "one_shot"}]
+    new = [{**common, "setting": "lagkv/chunked", "policy": "lagkv", "pattern": "chunked", "prefill": "parallel",
+            "model": "full"}]
+    for job, rows in (("eval/0/base/core/multi_key/400", old), ("eval/0/full/core/multi_key/400", new)):
+        work.mark_done(job, {"rows": rows, "answers": ["1", "3"], "depths": [0.1, 0.2]})
+    paths = collect(work, tmp_path / "out", "suite")
+    table = {(r["model"], r["setting"]): r["prefill"] for r in csv.DictReader(paths["csv"].open())}
+    assert table == {("base", "lagkv/chunked"): "chunks", ("base", "lagkv/one_shot"): "exact",
+                     ("full", "lagkv/chunked"): "parallel"}
+    assert [r["prefill"] for r in results_table({"rows": old})] == ["chunks", "exact"]
+
+
+# ------------------------------------------------------------------------------------------------------ CUDA
+@CUDA
+def test_cuda_parallel_prefill_gives_the_tokens_of_chunks(tok, batch):
+    """On the GPU (flex LRSA prefill, float32 tiny model): the same greedy tokens and kv_fraction as chunk by chunk,
+    and "auto" takes the parallel path there."""
+    model = load_source("tiny:0", device="cuda", dtype=torch.float32)[0]
+    ids, end = batch
+    ids = ids.cuda()
+    for cfg in (LAG, LagConfig(4, 8, 0.5)):
+        setting = Setting("lagkv", "chunked", cfg.ratio)
+        assert prefill_of(setting, "auto", ids.device) == "parallel"
+        (chunks, f_chunks), (parallel, f_parallel) = both(model, ids, end, setting, cfg, 24, tok.eos_token_id)
+        assert parallel.tolist() == chunks.tolist() and f_parallel == f_chunks
+    assert model.config._attn_implementation == "sdpa"
