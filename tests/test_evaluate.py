@@ -12,27 +12,11 @@ from lrsa_viz.evaluate import (Setting, budget_examples, contains_answer, defaul
                                exact_match, greedy_answers, greedy_answers_many, main, normalize_answer, parse_runs,
                                prose_loss, token_f1)
 from lrsa_viz.policies import RandomPolicy
-from lrsa_viz.qa_data import QAConfig, QAGenerator, encode_prompt, load_tokenizer, write_jsonl
-from lrsa_viz.train import load_source
+from lrsa_viz.qa_data import QAConfig, QAGenerator, encode_prompt, write_jsonl
 from lrsa_viz.train import main as train_main
 
 LAG = LagConfig(sink_size=8, lag_size=32, ratio=0.25)
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def tiny_lm():
-    return load_source("tiny:0")[0]
-
-
-@pytest.fixture(scope="module")
-def examples(tok):
-    return QAGenerator(tok, QAConfig(context_tokens=192, n_facts=3), seed=0).split("test", 8)
 
 
 def test_scores():

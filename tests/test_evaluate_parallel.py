@@ -17,27 +17,12 @@ import lrsa_viz.evaluate as evaluate
 from lrsa_viz import LagConfig
 from lrsa_viz.evaluate import (CHUNKED_PREFILLS, Setting, default_settings, evaluate_model, greedy_answers,
                                greedy_answers_many, prefill_of, resolve_chunked_prefill, results_table, row_prefill)
-from lrsa_viz.qa_data import QAConfig, QAGenerator, encode_prompt, load_tokenizer
+from lrsa_viz.qa_data import encode_prompt
 from lrsa_viz.static_generate import STATIC_LAGKV
 from lrsa_viz.train import load_source
 
 LAG = LagConfig(sink_size=8, lag_size=32, ratio=0.25)  # S + 2L = 72
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def tiny_lm():
-    return load_source("tiny:0")[0]
-
-
-@pytest.fixture(scope="module")
-def examples(tok):
-    return QAGenerator(tok, QAConfig(context_tokens=192, n_facts=3), seed=0).split("test", 8)
 
 
 @pytest.fixture(scope="module")

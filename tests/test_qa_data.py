@@ -7,15 +7,10 @@ import pytest
 import torch
 
 from lrsa_viz.qa_data import (FACT_KINDS, IGNORE_INDEX, QAConfig, QAGenerator, collate, encode_example, encode_prompt,
-                              load_examples, load_tokenizer, read_jsonl, write_jsonl)
+                              load_examples, read_jsonl, write_jsonl)
 
 ROOT = Path(__file__).resolve().parents[1]
 QA_DIR = ROOT / "data" / "qa"
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -4,16 +4,11 @@ import re
 
 import pytest
 
-from lrsa_viz.qa_data import encode_prompts, load_tokenizer
+from lrsa_viz.qa_data import encode_prompts
 from lrsa_viz.tasks import (HELD_OUT_PASSAGES, TASKS, Haystack, make_task, score, set_f1, task_metric, task_names)
 from lrsa_viz.tasks.haystack import haystack_texts, split_sentences
 
 CONTEXT = 600  # small documents: every task fits its needles
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer()
 
 
 @pytest.fixture(scope="module")

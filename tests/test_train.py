@@ -10,17 +10,12 @@ from safetensors.torch import load_file
 from lrsa_viz.config import LagConfig
 from lrsa_viz.evaluate import Setting, greedy_answers
 from lrsa_viz.qa_data import (IGNORE_INDEX, QAConfig, QAGenerator, collate, encode_example, encode_examples,
-                              load_tokenizer, write_jsonl)
+                              write_jsonl)
 from lrsa_viz.train import (DEV_PAD_MULTIPLE, TrainConfig, answer_loss_sums, answer_positions, bucketed_step_indices,
                             check_attention, divisor_at_most, length_bucket, load_run, load_source, main, step_indices,
                             train)
 
 LAG = LagConfig(sink_size=8, lag_size=32, ratio=0.25)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer()
 
 
 @pytest.fixture(scope="module")
