@@ -64,6 +64,12 @@ MAX_ROW_LABELS = 45
 MAX_GRIDLINES = 200
 
 
+def add_shapes(fig: go.Figure, shapes: list[dict]) -> None:
+    """Append layout shapes in ONE assignment (``fig.add_shape`` in a loop re-validates every earlier shape each
+    time: seconds for a few hundred gridlines)."""
+    fig.update_layout(shapes=[*fig.layout.shapes, *shapes])
+
+
 def _annotate_partitions(fig: go.Figure, n: int, config: LagConfig, plot_height: int) -> dict:
     """Partition gridlines, and sink / scored / kept-whole bands with a colour key above a token-position x axis.
 
@@ -75,9 +81,8 @@ def _annotate_partitions(fig: go.Figure, n: int, config: LagConfig, plot_height:
     p = config.num_partitions(n)
     boundaries = [s + i * lag for i in range(p + 1)] if p >= 1 else []
     stride = max(1, -(-len(boundaries) // MAX_GRIDLINES))
-    for b in boundaries[::stride]:
-        fig.add_shape(type="line", x0=b - 0.5, x1=b - 0.5, y0=0, y1=1, xref="x", yref="paper",
-                      line=dict(color="rgba(214,39,40,0.9)", width=1.5, dash="dot"))
+    shapes = [dict(type="line", x0=b - 0.5, x1=b - 0.5, y0=0, y1=1, xref="x", yref="paper",
+                   line=dict(color="rgba(214,39,40,0.9)", width=1.5, dash="dot")) for b in boundaries[::stride]]
     band = 14 / max(plot_height, 50)
     spans = {name: f"{a}–{b - 1}" for name, (a, b) in regions.items() if b > a}
     labels = {"sink": f"sink {spans.get('sink', '')}: always kept",
@@ -87,9 +92,10 @@ def _annotate_partitions(fig: go.Figure, n: int, config: LagConfig, plot_height:
     for name, (a, b) in regions.items():
         if b <= a:
             continue
-        fig.add_shape(type="rect", x0=a - 0.5, x1=b - 0.5, y0=1 + band / 3, y1=1 + band / 3 + band, xref="x",
-                      yref="paper", fillcolor=REGION_COLOURS[name], line_width=0, name=name)
+        shapes.append(dict(type="rect", x0=a - 0.5, x1=b - 0.5, y0=1 + band / 3, y1=1 + band / 3 + band, xref="x",
+                           yref="paper", fillcolor=REGION_COLOURS[name], line_width=0, name=name))
         key.append(f"<span style='color:{REGION_COLOURS[name]}'>■</span> {labels[name]}")
+    add_shapes(fig, shapes)
     fig.add_annotation(text="   ".join(key), x=0, xref="paper", xanchor="left", y=1 + 1.6 * band, yref="paper",
                        yanchor="bottom", showarrow=False, font=dict(size=11), name="region key")
     return {"regions": {k: list(v) for k, v in regions.items()}, "partition_boundaries": boundaries,
@@ -184,9 +190,8 @@ def retained_token_figure(
                       + "<extra></extra>", **colour,
     ))
     if by == "layer_head" and n_heads > 1:
-        for i in range(1, n_layers):
-            fig.add_shape(type="line", x0=0, x1=1, y0=i * n_heads - 0.5, y1=i * n_heads - 0.5, xref="paper",
-                          yref="y", line=dict(color="rgba(40,40,40,0.5)", width=1))
+        add_shapes(fig, [dict(type="line", x0=0, x1=1, y0=i * n_heads - 0.5, y1=i * n_heads - 0.5, xref="paper",
+                              yref="y", line=dict(color="rgba(40,40,40,0.5)", width=1)) for i in range(1, n_layers)])
     height = max(320, min(900, 90 + 14 * len(labels))) + (60 if config is not None else 0)
     # too many rows for one label each: label the first KV head of every layer ("L7 H0"), or every m-th layer
     step = 1 if len(labels) <= MAX_ROW_LABELS else n_heads if by == "layer_head" else -(-len(labels) // MAX_ROW_LABELS)
