@@ -37,11 +37,15 @@ def gpu_names() -> list[str]:
     return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
 
 
+def uses_xdist(part: str, workers: int) -> bool:
+    return part == "units" and workers > 1 and has_module("xdist")
+
+
 def part_command(part: str, junit: Path, workers: int) -> list[str]:
     """pytest for one part, verbose (a part stopped at the time limit shows which test or cell it was in)."""
     base = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", f"--junitxml={junit}"]
     if part == "units":
-        xdist = ["-n", str(workers)] if workers > 1 and has_module("xdist") else []
+        xdist = ["-n", str(workers)] if uses_xdist(part, workers) else []
         return base + xdist + ["--durations=25", "tests"]
     return base + NBVAL + [part]
 
@@ -76,8 +80,9 @@ def run_part(part: str, gpu: int, workdir: Path, workers: int, threads: int, dea
     """Run one part on GPU ``gpu`` with ``threads`` CPU threads; stop it at ``deadline`` (unix time) if it is still
     running then (recorded as ``timed_out`` with the end of its output)."""
     junit = workdir / (part.replace("/", "_") + ".xml")
+    per_process = max(1, threads // workers) if uses_xdist(part, workers) else threads  # xdist workers share them
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu), "LRSA_VIZ_PROFILE": "full", "TQDM_DISABLE": "1",
-           "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "OMP_NUM_THREADS": str(per_process), "MKL_NUM_THREADS": str(per_process),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     start = time.time()
     proc = subprocess.Popen(part_command(part, junit, workers), cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -157,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             "command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "gpus": gpu_names(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "transformers": transformers.__version__, "python": sys.version.split()[0],
-            "complete": len(done) == len(parts) and not any(r["timed_out"] for r in done), "all_passed": len(done) == len(parts) and all(r["passed"] for r in done),
+            "complete": len(done) == len(parts) and not any(r["timed_out"] for r in done),
+            "all_passed": len(done) == len(parts) and all(r["passed"] for r in done),
             "not_finished": [p for p in parts if p not in {r["part"] for r in done}],
             "timed_out": [r["part"] for r in done if r["timed_out"]],
             "wall_s": round(time.time() - start, 1), "jobs_per_gpu": max(1, args.jobs_per_gpu),
