@@ -20,7 +20,7 @@ full-sequence calls; ``"auto"`` (default) picks ``"flex"`` for CUDA tensors and 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedModel
@@ -36,6 +36,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _CONFIG_ATTR = "lrsa"  # model.config.lrsa: the LagConfig as a dict (saved with the model's config)
 _PREVIOUS_ATTR = "lrsa_previous_attn_implementation"
 _BACKEND_ATTR = "lrsa_backend"  # model.config.lrsa_backend: "auto" | "reference" | "flex"
+_ABSENT = object()  # attention_state: "the model had no such attribute"
 _FORCED_ATTR = "lrsa_forced_keep"  # attention module attribute: [B, H_kv, N] bool forced selections of its layer
 BACKENDS = ("auto", "reference", "flex")
 #: id(model config) -> (q_length, kv_length, kv_offset) of the model's current forward, set by the mask interface
@@ -283,6 +284,35 @@ def disable_lrsa(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
+def attention_state(model: PreTrainedModel, extra_attrs: Sequence[str] = ()) -> dict:
+    """A snapshot of what `enable_lrsa` (and modes built on it, named by ``extra_attrs``: their model.config
+    attributes) change on ``model``: the attention implementation, those config attributes, the forced selections.
+    `restore_attention_state` puts it back, whatever was enabled in between."""
+    attrs = (_CONFIG_ATTR, _PREVIOUS_ATTR, _BACKEND_ATTR, *extra_attrs)
+    return {"implementation": model.config._attn_implementation,
+            "attrs": {a: getattr(model.config, a, _ABSENT) for a in attrs},
+            "forced": [getattr(m, _FORCED_ATTR, None) for m in attention_modules(model)]}
+
+
+def restore_attention_state(model: PreTrainedModel, state: dict) -> PreTrainedModel:
+    """Put back an `attention_state` snapshot. Returns the model."""
+    for attr, value in state["attrs"].items():
+        if value is _ABSENT:
+            if hasattr(model.config, attr):
+                delattr(model.config, attr)
+        else:
+            setattr(model.config, attr, value)
+    for module, forced in zip(attention_modules(model), state["forced"]):
+        if forced is not None:
+            setattr(module, _FORCED_ATTR, forced)
+        elif hasattr(module, _FORCED_ATTR):
+            delattr(module, _FORCED_ATTR)
+    if model.config._attn_implementation != state["implementation"]:
+        model.set_attn_implementation(state["implementation"])
+    _CURRENT_CALL.pop(id(model.config), None)
+    return model
+
+
 def lrsa_config_of(model: PreTrainedModel) -> LagConfig | None:
     """The LagConfig the model runs with, or None when LRSA is off."""
     if model.config._attn_implementation != LRSA_IMPLEMENTATION:
@@ -320,12 +350,9 @@ def lrsa(model: PreTrainedModel, config: LagConfig | None = None, backend: str =
     ``keep``: forced selections (see `enable_lrsa`), e.g. ``with lrsa(model, cfg, keep=cache.kept_position_mask())``.
     """
     check_supported(model)
-    previous, previous_backend, previous_keep = lrsa_config_of(model), lrsa_backend_of(model), forced_keep_of(model)
+    previous = attention_state(model)
     enable_lrsa(model, config, backend, keep)
     try:
         yield model
     finally:
-        if previous is None:
-            disable_lrsa(model)
-        else:
-            enable_lrsa(model, previous, previous_backend, previous_keep)
+        restore_attention_state(model, previous)

@@ -5,6 +5,8 @@ import dataclasses
 import math
 import numbers
 
+from .checks import check_fields
+
 
 @dataclasses.dataclass(frozen=True)
 class LagConfig:
@@ -79,8 +81,5 @@ class LagConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LagConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - fields
-        if unknown:
-            raise ValueError(f"unknown LagConfig field(s) {sorted(unknown)}; accepted: {sorted(fields)}")
+        check_fields(cls, d, "LagConfig")
         return cls(**d)

@@ -50,6 +50,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from .checks import check_int
 from .cache import LagKVCache
 from .cli import add_debug_flag, run_cli
 from .config import LagConfig
@@ -202,8 +203,7 @@ def prompt_spans(n_tokens: int, context_end: int, setting: Setting, lag: LagConf
 def _check_greedy_inputs(input_ids: torch.Tensor, max_new_tokens: int) -> None:
     if input_ids.ndim != 2 or input_ids.shape[1] < 2:
         raise ValueError(f"input_ids must be [B, N] with N >= 2, got shape {tuple(input_ids.shape)}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    check_int("max_new_tokens", max_new_tokens, 1)
 
 
 def _policy_context(model, cache):
@@ -377,8 +377,7 @@ def evaluate_model(model, tokenizer, examples: Sequence[dict], settings: Sequenc
     batch every setting is run (`greedy_answers_many`; ``chunked_prefill``: how ``lagkv/chunked`` reads the
     prompt, see `greedy_answers`). Each row's ``prefill`` says how its prompts were read (`prefill_of`).
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    check_int("batch_size", batch_size, 1)
     if not examples:
         raise ValueError("examples: nothing to evaluate")
     if not settings or len(set(settings)) != len(settings):

@@ -19,6 +19,7 @@ from typing import Sequence
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from .checks import check_int
 from .evaluate import contains_answer, exact_match, token_f1
 
 METRICS = {"exact_match": "exact match", "f1": "token F1", "contains": "answer contained", "score": "task score"}
@@ -145,8 +146,7 @@ def accuracy_by_depth_figure(rows: Sequence[dict], examples: Sequence[dict], set
     check_metric(metric)
     if metric == "score":
         raise ValueError("metric must be exact_match, f1 or contains for the depth figure")
-    if isinstance(bins, bool) or not isinstance(bins, int) or not 1 <= bins <= 50:
-        raise ValueError(f"bins must be an integer in [1, 50], got {bins!r}")
+    check_int("bins", bins, 1, 50)
     if any("depth" not in ex for ex in examples):
         raise ValueError("examples: every example needs a 'depth' field (made by lrsa_viz.qa_data)")
     score = {"exact_match": exact_match, "f1": token_f1, "contains": contains_answer}[metric]

@@ -13,6 +13,7 @@ from typing import Iterator
 
 import torch
 
+from .checks import check_int
 from .config import LagConfig
 from .scoring import lagkv_scores, select_top_k
 
@@ -139,8 +140,7 @@ class SnapKVPolicy(Policy):
 
     def __init__(self, window: int = 32, kernel_size: int = 5):
         for name, value in (("window", window), ("kernel_size", kernel_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            check_int(name, value, 1)
         if kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd (a centred pool), got {kernel_size}")
         self.window = window

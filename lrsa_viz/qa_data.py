@@ -24,6 +24,7 @@ from typing import Iterable, Sequence
 
 import torch
 
+from .checks import check_int
 from .cli import add_debug_flag, run_cli
 
 REQUIRED_FIELDS = ("context", "question", "answer")
@@ -119,8 +120,7 @@ class QAConfig:
     def __post_init__(self) -> None:
         for name, lo, hi in (("context_tokens", 64, 32768), ("n_facts", 1, 32), ("answer_digits", 1, 12)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-                raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+            check_int(name, value, lo, hi)
         if not self.kinds or any(k not in FACT_KINDS for k in self.kinds):
             raise ValueError(f"kinds must be a non-empty subset of {sorted(FACT_KINDS)}, got {self.kinds!r}")
 
@@ -213,8 +213,7 @@ class QAGenerator:
         """Example ``index`` of ``split``: a dict with context, question, answer and metadata (see README card)."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
-            raise ValueError(f"index must be an integer >= 0, got {index!r}")
+        check_int("index", index, 0)
         cfg = self.config
         rng = random.Random(f"lrsa-viz-qa/{self.seed}/{split}/{index}")
         kind = rng.choice(cfg.kinds)
@@ -266,10 +265,8 @@ class QAGenerator:
     def split(self, split: str, size: int, start: int = 0, progress: bool = False, workers: int = 1) -> list[dict]:
         """Examples ``start .. start + size - 1`` of ``split``; ``workers`` > 1 makes them in as many processes
         (the result does not depend on it)."""
-        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-            raise ValueError(f"size must be an integer >= 0, got {size!r}")
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
+        check_int("size", size, 0)
+        check_int("workers", workers, 1)
         from tqdm.auto import tqdm
 
         indices = range(start, start + size)

@@ -34,6 +34,7 @@ import math
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .checks import check_int
 from .config import LagConfig
 from .scoring import check_kv, lagkv_keep_indices, select_top_k, token_std_scores
 
@@ -66,8 +67,7 @@ def cache_capacity(max_cache_len: int, config: LagConfig, max_chunk: int = 1, pa
     compressed at once and never needs more than eq. 12. Rounded up to a multiple of ``pad_to``.
     """
     for name, value, low in (("max_cache_len", max_cache_len, 1), ("max_chunk", max_chunk, 1), ("pad_to", pad_to, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        check_int(name, value, low)
     seen = torch.arange(max_cache_len, dtype=torch.int64)  # tokens seen before an update
     held = stored_length(seen, config) + torch.clamp(max_cache_len - seen, max=max_chunk)
     need = max(int(held.max()), stored_length(max_cache_len, config))

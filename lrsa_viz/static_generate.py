@@ -31,9 +31,10 @@ from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-from .attention import (LRSA_IMPLEMENTATION, check_max_positions, check_supported, disable_lrsa, enable_lrsa,
-                        lrsa_attention_forward, lrsa_backend_of, lrsa_config_of, lrsa_mask_interface,
-                        resolve_backend)
+from .checks import check_int
+from .attention import (LRSA_IMPLEMENTATION, attention_state, check_max_positions, check_supported, disable_lrsa,
+                        enable_lrsa, lrsa_attention_forward, lrsa_mask_interface, resolve_backend,
+                        restore_attention_state)
 from .config import LagConfig
 from .fast.decode import DEFAULT_KERNEL, buffer_attention, check_kernel, slot_mask
 from .prefill import check_prefill_inputs
@@ -135,18 +136,14 @@ def disable_static_lagkv(model: PreTrainedModel) -> PreTrainedModel:
 
 @contextlib.contextmanager
 def static_lagkv(model: PreTrainedModel, config: LagConfig | None = None, **kwargs) -> Iterator[PreTrainedModel]:
-    """``with static_lagkv(model, cfg): ...``: `enable_static_lagkv` for the block, the previous state after."""
-    previous = model.config._attn_implementation
-    previous_lrsa = (lrsa_config_of(model), lrsa_backend_of(model))
+    """``with static_lagkv(model, cfg): ...``: `enable_static_lagkv` for the block, the previous state after
+    (`lrsa_viz.attention.attention_state`: whatever was enabled before, a static state with its kernel included)."""
+    previous = attention_state(model, (_KERNEL_ATTR, _PREVIOUS_ATTR))
     enable_static_lagkv(model, config, **kwargs)
     try:
         yield model
     finally:
-        disable_static_lagkv(model)
-        if previous_lrsa[0] is not None:
-            enable_lrsa(model, *previous_lrsa)
-        elif model.config._attn_implementation != previous:
-            model.set_attn_implementation(previous)
+        restore_attention_state(model, previous)
 
 
 # ------------------------------------------------------------------------------------------------------- decoding
@@ -188,8 +185,7 @@ def greedy_decode(model: PreTrainedModel, cache, tokens: torch.Tensor, steps: in
     (CUDA graphs on CUDA). ``step_fn`` overrides the step function (same signature as `decode_step`; anything but
     `decode_step` is treated as compiled: CUDA-graph steps are marked and their outputs copied).
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+    check_int("steps", steps, 0)
     step = step_fn or (compiled_decode_step() if compile else decode_step)
     out = torch.empty(tokens.shape[0], steps, dtype=tokens.dtype, device=tokens.device)
     graphs = tokens.is_cuda and step is not decode_step
@@ -207,9 +203,7 @@ def greedy_decode(model: PreTrainedModel, cache, tokens: torch.Tensor, steps: in
 
 
 def check_new_tokens(max_new_tokens) -> int:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    return max_new_tokens
+    return check_int("max_new_tokens", max_new_tokens, 1)
 
 
 @torch.no_grad()

@@ -33,6 +33,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .checks import check_int
 from .attention import check_right_padding, enable_lrsa
 from .config import LagConfig
 from .budget import warn_if_answers_exceed_budget
@@ -108,8 +109,7 @@ class TrainConfig:
         for name, lo in (("steps", 1), ("batch_size", 1), ("warmup_steps", 0), ("eval_every", 0),
                          ("eval_examples", 1), ("save_every", 0), ("seed", 0)):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+            check_int(name, v, lo)
         mb = self.micro_batch_size
         if mb is not None and (isinstance(mb, bool) or not isinstance(mb, int) or not 1 <= mb <= self.batch_size):
             raise ValueError(f"micro_batch_size must be an integer in [1, batch_size={self.batch_size}], got {mb!r}")

@@ -95,10 +95,9 @@ def run_part(part: str, gpu: int, workdir: Path, workers: int, threads: int, dea
         output, _ = proc.communicate()
         timed_out = True
     wall = time.time() - start
-    summary = junit_summary(junit) if not timed_out else {}
     return {"part": part, "gpu": gpu, "passed": proc.returncode == 0 and not timed_out, "returncode": proc.returncode,
-            "timed_out": timed_out, "wall_s": round(wall, 1), "threads": threads, **summary,
-            "output_tail": output[-4000:]}
+            "timed_out": timed_out, "wall_s": round(wall, 1), "threads": threads,
+            "tests": None if timed_out else junit_summary(junit), "output_tail": output[-4000:]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     workers = max(1, min(8, (os.cpu_count() or 2) // (2 * len(slots))))
     # parts side by side share the CPU cores: each gets its share of threads (16 threads per part on 16 cores,
     # 5 parts at once, ran 3-4x slower than the parts alone: measured on an H200 host, 2026-11-29)
-    threads = max(1, (os.cpu_count() or 1) // len(slots))
+    threads_per_part = max(1, (os.cpu_count() or 1) // len(slots))
     deadline = None if args.time_limit is None else time.time() + args.time_limit
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -142,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                 return
             if deadline is not None and time.time() > deadline - 5:
                 return  # not started: listed as not finished
-            result = run_part(part, gpu, workdir, workers, threads, deadline)
+            result = run_part(part, gpu, workdir, workers, threads_per_part, deadline)
             with lock:
                 results.append(result)
                 write_record()
@@ -167,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             "not_finished": [p for p in parts if p not in {r["part"] for r in done}],
             "timed_out": [r["part"] for r in done if r["timed_out"]],
             "wall_s": round(time.time() - start, 1), "jobs_per_gpu": max(1, args.jobs_per_gpu),
-            "threads_per_part": threads, "time_limit_s": args.time_limit,
+            "threads_per_part": threads_per_part, "time_limit_s": args.time_limit,
             "parts": [{k: v for k, v in r.items() if k != "output_tail"} for r in done],
         }
         (out / "gpu_check.json").write_text(json.dumps(record, indent=1) + "\n")
@@ -180,10 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     subprocess.run([sys.executable, "-c", "from lrsa_viz import load_model; load_model(device='cpu')"], cwd=ROOT,
                    env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))},
                    check=True)
-    threads = [threading.Thread(target=worker, args=(g,)) for g in slots]
-    for t in threads:
+    pool = [threading.Thread(target=worker, args=(g,)) for g in slots]
+    for t in pool:
         t.start()
-    for t in threads:
+    for t in pool:
         t.join()
     with lock:
         record = write_record()

@@ -47,3 +47,31 @@ def test_a_part_past_the_time_limit_is_stopped_and_recorded(tmp_path, monkeypatc
     quick = gpu_check.run_part("0", 0, tmp_path, 1, threads=2, deadline=time.time() + 60)
     assert quick["passed"] and not quick["timed_out"] and "threads 2" in quick["output_tail"]
     assert quick["threads"] == 2 and gpu_check.outcome(quick) == "PASS"
+
+
+def test_main_schedules_parts_with_their_thread_share_and_records_booleans(tmp_path, monkeypatch):
+    """main() on a pretend one-GPU machine: two parts side by side, one failing after some passing tests; the
+    record's pass flags are booleans from the exit status (not test counts) and each part gets cores // 2 threads."""
+    import json
+    import os
+
+    gpu_check = import_gpu_check()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(gpu_check, "gpu_names", lambda: ["pretend GPU"])
+    monkeypatch.setattr(gpu_check.subprocess, "run", lambda *a, **k: None)  # no model conversion
+    script = ("import os, sys; print('threads', os.environ['OMP_NUM_THREADS']); "
+              "open(sys.argv[2], 'w').write('<testsuites><testsuite><testcase classname=\"t\" name=\"a\"/>'"
+              " + ('<testcase classname=\"t\" name=\"b\"><failure/></testcase>' if sys.argv[1] == 'bad' else '')"
+              " + '</testsuite></testsuites>'); sys.exit(sys.argv[1] == 'bad')")
+    monkeypatch.setattr(gpu_check, "part_command",
+                        lambda part, junit, workers: [sys.executable, "-c", script, part, str(junit)])
+    status = gpu_check.main([str(tmp_path), "--parts", "good", "bad", "--jobs-per-gpu", "2", "--time-limit", "120",
+                             "--workdir", str(tmp_path / "work")])
+    record = json.loads((tmp_path / "gpu_check.json").read_text())
+    share = max(1, (os.cpu_count() or 1) // 2)
+    assert status == 1 and record["complete"] and not record["all_passed"] and record["threads_per_part"] == share
+    parts = {p["part"]: p for p in record["parts"]}
+    assert parts["good"]["passed"] is True and parts["bad"]["passed"] is False
+    assert parts["bad"]["tests"]["passed"] == 1 and parts["bad"]["tests"]["failed"] == 1
+    assert f"threads {share}" in (tmp_path / "gpu_check.log").read_text()

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lrsa_viz import LagConfig, LagKVCache, chunked_prefill, compressed_generate, tiny_model
-from lrsa_viz.fast.decode import KERNELS, buffer_attention, slot_mask
+from lrsa_viz.fast.decode import DEFAULT_KERNEL, KERNELS, buffer_attention, slot_mask
 from lrsa_viz.static_cache import StaticLagKVCache, cache_capacity, compressed_partitions, stored_length
 from lrsa_viz.static_generate import (STATIC_LAGKV, compiled_decode_step, decode_step, disable_static_lagkv,
                                       enable_static_lagkv, greedy_decode, static_generate, static_lagkv,
@@ -246,7 +246,8 @@ def test_reset_reuses_the_buffers(model):
 
 
 def test_enable_disable_restores(model):
-    from lrsa_viz import enable_lrsa, disable_lrsa, lrsa_config_of
+    from lrsa_viz import disable_lrsa, enable_lrsa, lrsa_config_of
+    from lrsa_viz.attention import forced_keep_of
 
     cfg = LagConfig(4, 16, 0.25)
     enable_static_lagkv(model, cfg, kernel="matmul")
@@ -259,6 +260,20 @@ def test_enable_disable_restores(model):
     assert lrsa_config_of(model) == LagConfig(2, 8, 0.5)
     disable_lrsa(model)
     assert model.config._attn_implementation == "sdpa"
+    enable_static_lagkv(model, cfg, kernel="matmul")
+    with static_lagkv(model, cfg):  # what static_prefill does inside: the user's static state comes back whole
+        assert model.config.lagkv_decode_kernel == DEFAULT_KERNEL != "matmul"
+    assert model.config._attn_implementation == STATIC_LAGKV and model.config.lagkv_decode_kernel == "matmul"
+    assert LagConfig.from_dict(model.config.lrsa) == cfg, "the prefill's LRSA config (model.config.lrsa) too"
+    disable_static_lagkv(model)
+    assert model.config._attn_implementation == "sdpa" and not hasattr(model.config, "lagkv_decode_kernel")
+    _, cache = chunked_prefill(model, torch.randint(0, 256, (1, 60), generator=torch.Generator().manual_seed(0)), cfg)
+    keep = cache.kept_position_mask()
+    enable_lrsa(model, cfg, keep=keep)
+    with static_lagkv(model, cfg):
+        pass
+    assert lrsa_config_of(model) == cfg and torch.equal(forced_keep_of(model), keep), "forced selections survive"
+    disable_lrsa(model)
 
 
 # ------------------------------------------------------------------------------------------------ bad input

@@ -11,7 +11,7 @@ Kernels (``KERNELS``; all compute the same attention, tested equal):
 - ``"sdpa_folded"``: the G query heads of a KV head become G x Q query rows of that head
   ([B, H_kv, G Q, d]), so SDPA reads each KV head once, without repeating K/V (any backend that takes a mask).
 - ``"matmul"``: the same folding with explicit matrix products and a float32 softmax (cuBLAS + fused pointwise
-  under torch.compile; split over the M axis, which helps at batch 1).
+  under torch.compile).
 """
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 
 KERNELS = ("sdpa_repeat", "sdpa_folded", "matmul")
-#: The kernel used when none is named (measured on an H200 by benchmarks/bench_inference.py; see its JSON).
+#: The kernel used when none is named. NOT chosen by a committed measurement: benchmarks/bench_inference.py times all
+#: three (its "kernels" rows); an uncommitted H200 run of an earlier version found sdpa_folded the slowest at a 16k
+#: prompt and batch 1 (2.3 ms per 30-layer step vs 0.85 sdpa_repeat, 0.80 matmul). Re-measure before relying on it.
 DEFAULT_KERNEL = "sdpa_folded"
 
 

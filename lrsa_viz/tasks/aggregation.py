@@ -7,6 +7,7 @@ model can see, so this task tests whether what is kept still represents the whol
 """
 from __future__ import annotations
 
+from ..checks import check_int
 from .base import Spec, Task, single_token_words
 
 WORDS = ("lantern", "anchor", "violin", "compass", "ribbon", "saddle", "candle", "feather", "helmet", "barrel",
@@ -23,8 +24,7 @@ class FrequentWord(Task):
     def __init__(self, *args, n_words: int = 5, top: int = 6, **kwargs):
         super().__init__(*args, **kwargs)
         for name, value, lo, hi in (("n_words", n_words, 2, 10), ("top", top, 4, 20)):
-            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-                raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+            check_int(name, value, lo, hi)
         self.n_words, self.top = n_words, top
         self.words = single_token_words(self.haystack, WORDS)
 

@@ -21,6 +21,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from ..checks import check_int
 from ..qa_data import SPLITS
 from .haystack import Haystack
 from .metrics import METRIC_NAMES
@@ -75,8 +76,7 @@ class Task:
         if isinstance(context_tokens, bool) or not isinstance(context_tokens, int) or not lo <= context_tokens <= MAX_CONTEXT_TOKENS:
             raise ValueError(f"context_tokens must be an integer in [{lo}, {MAX_CONTEXT_TOKENS}] for task "
                              f"{self.name!r}, got {context_tokens!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        check_int("seed", seed, 0)
         if self.metric not in METRIC_NAMES:  # pragma: no cover - a class definition error
             raise TypeError(f"{type(self).__name__}.metric must be one of {METRIC_NAMES}")
         self.tokenizer = tokenizer
@@ -100,8 +100,7 @@ class Task:
         """Example ``index`` of ``split`` (a dict, see the module docstring)."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
-            raise ValueError(f"index must be an integer >= 0, got {index!r}")
+        check_int("index", index, 0)
         rng = random.Random(f"lrsa-viz-task/{self.name}/{self.seed}/{split}/{index}")
         spec = self.make(rng)
         needles = [" " + s for s in spec.needles]
@@ -157,8 +156,7 @@ class Task:
         """Examples ``start .. start + size - 1`` of ``split``; ``workers`` > 1 makes them in as many processes
         (the result does not depend on it)."""
         for name, value, lo in (("size", size, 0), ("start", start, 0), ("workers", workers, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-                raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
+            check_int(name, value, lo)
         from tqdm.auto import tqdm
 
         indices = range(start, start + size)

@@ -19,6 +19,7 @@ import re
 from pathlib import Path
 from typing import Sequence
 
+from ..checks import check_int
 from ..qa_data import ADJECTIVES, COLORS, NAME_CANDIDATES, PLACES, TOPICS, WEEKDAYS
 
 PASSAGES_DIR = Path(__file__).resolve().parents[2] / "data" / "passages"
@@ -197,8 +198,7 @@ class Haystack:
         """Distractor pieces (sentence, tokens) of exactly ``budget`` tokens in total, none containing a forbidden
         word (whole-word, case-insensitive). Any budget from 6 tokens up can be filled (and 0); a smaller one that
         no combination of closing sentences makes (1, 2 or 5 tokens for SmolLM2) raises ValueError."""
-        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
-            raise ValueError(f"budget must be an integer >= 0, got {budget!r}")
+        check_int("budget", budget, 0)
         pieces: list[tuple[str, int]] = []
         remaining = budget
         pool: list[tuple[str, int]] = []

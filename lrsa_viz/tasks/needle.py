@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 
+from ..checks import check_int
 from ..qa_data import FACT_KINDS
 from .base import Spec, Task, distinct_values, single_token_words
 
@@ -73,8 +74,7 @@ class SingleNeedle(Task):
     def __init__(self, *args, n_facts: int = 6, answer_digits: int = 4, **kwargs):
         super().__init__(*args, **kwargs)
         for name, value, lo, hi in (("n_facts", n_facts, 1, 32), ("answer_digits", answer_digits, 1, 12)):
-            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-                raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+            check_int(name, value, lo, hi)
         self.n_facts, self.answer_digits = n_facts, answer_digits
         if len(self.haystack.names) < n_facts:
             raise ValueError(f"n_facts: only {len(self.haystack.names)} single-token names, got {n_facts}")
@@ -103,8 +103,7 @@ class MultiKey(_KeyedTask):
 
     def __init__(self, *args, n_needles: int = 8, near: int = 4, **kwargs):
         super().__init__(*args, **kwargs)
-        if isinstance(n_needles, bool) or not isinstance(n_needles, int) or not 2 <= n_needles <= 32:
-            raise ValueError(f"n_needles must be an integer in [2, 32], got {n_needles!r}")
+        check_int("n_needles", n_needles, 2, 32)
         if isinstance(near, bool) or not isinstance(near, int) or not 0 <= near < n_needles:
             raise ValueError(f"near must be an integer in [0, n_needles - 1 = {n_needles - 1}], got {near!r}")
         self.n_needles, self.near = n_needles, near
@@ -138,8 +137,7 @@ class MultiValue(_KeyedTask):
     def __init__(self, *args, n_values: int = 3, n_distractors: int = 4, **kwargs):
         super().__init__(*args, **kwargs)
         for name, value, lo, hi in (("n_values", n_values, 2, 8), ("n_distractors", n_distractors, 0, 24)):
-            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-                raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+            check_int(name, value, lo, hi)
         self.n_values, self.n_distractors = n_values, n_distractors
 
     def options(self) -> dict:
@@ -167,10 +165,8 @@ class MultiQuery(_KeyedTask):
 
     def __init__(self, *args, n_needles: int = 8, n_queries: int = 2, **kwargs):
         super().__init__(*args, **kwargs)
-        if isinstance(n_needles, bool) or not isinstance(n_needles, int) or not 2 <= n_needles <= 32:
-            raise ValueError(f"n_needles must be an integer in [2, 32], got {n_needles!r}")
-        if isinstance(n_queries, bool) or not isinstance(n_queries, int) or not 2 <= n_queries <= min(4, n_needles):
-            raise ValueError(f"n_queries must be an integer in [2, {min(4, n_needles)}], got {n_queries!r}")
+        check_int("n_needles", n_needles, 2, 32)
+        check_int("n_queries", n_queries, 2, min(4, n_needles))
         self.n_needles, self.n_queries = n_needles, n_queries
 
     def options(self) -> dict:

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from ..checks import check_fields, check_int
 from ..cli import add_debug_flag, run_cli
 
 MODES = ("full", "lrsa")
@@ -88,12 +89,10 @@ class SuiteConfig:
         for name in ("train_per_cell", "test_per_cell", "steps", "batch_size", "micro_batch_tokens",
                      "eval_batch_tokens", "priority_tasks"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+            check_int(name, v, 1)
         for name in ("dev_per_cell", "warmup_steps", "eval_every"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+            check_int(name, v, 0)
         if not self.seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.seeds):
             raise ValueError(f"seeds must be integers >= 0, got {list(self.seeds)}")
         if not self.contexts or any(isinstance(c, bool) or not isinstance(c, int) or c < 192 for c in self.contexts):
@@ -115,10 +114,7 @@ class SuiteConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SuiteConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - fields
-        if unknown:
-            raise ValueError(f"suite config: unknown field(s) {sorted(unknown)}")
+        check_fields(cls, d, "suite config")
         tuples = {f.name for f in dataclasses.fields(cls) if str(f.type).startswith("tuple")}
         return cls(**{k: tuple(v) if k in tuples else v for k, v in d.items()}).check()
 

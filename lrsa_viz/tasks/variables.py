@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import string
 
+from ..checks import check_int
 from .base import Spec, Task, distinct_values
 
 
@@ -23,8 +24,7 @@ class VariableTracking(Task):
         super().__init__(*args, **kwargs)
         for name, value, lo, hi in (("n_chains", n_chains, 1, 8), ("hops", hops, 1, 8),
                                     ("value_digits", value_digits, 2, 9)):
-            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-                raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+            check_int(name, value, lo, hi)
         self.n_chains, self.hops, self.value_digits = n_chains, hops, value_digits
         pick = random.Random("lrsa-viz-variable-names")
         candidates = sorted({"".join(pick.choice(string.ascii_uppercase) for _ in range(3)) for _ in range(3000)})

@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from ..attention import disable_lrsa, enable_lrsa, forced_keep_of, lrsa_config_of
+from ..attention import attention_state, disable_lrsa, enable_lrsa, lrsa_backend_of, restore_attention_state
 from ..config import LagConfig
 from ..scoring import keep_mask, lagkv_scores
 
@@ -85,21 +85,16 @@ class KVCapture:
 def attention_mode(model: PreTrainedModel, config: LagConfig | None) -> Iterator[PreTrainedModel]:
     """Run a block with the LRSA mask of ``config`` (or dense attention if None), selections computed by each layer;
     restore the model's state after (its previous LRSA config, backend and forced selections, or dense attention)."""
-    previous = lrsa_config_of(model)
-    backend = getattr(model.config, "lrsa_backend", None)  # set by enable_lrsa(..., backend=...)
-    keep_backend = {"backend": backend} if backend else {}
-    forced = forced_keep_of(model)  # selections forced by enable_lrsa(..., keep=...), if any
+    previous = attention_state(model)
+    backend = lrsa_backend_of(model)
     if config is None:
         disable_lrsa(model)
     else:
-        enable_lrsa(model, config, **keep_backend)
+        enable_lrsa(model, config, **({"backend": backend} if backend else {}))
     try:
         yield model
     finally:
-        if previous is None:
-            disable_lrsa(model)
-        else:
-            enable_lrsa(model, previous, keep=forced, **keep_backend)
+        restore_attention_state(model, previous)
 
 
 def token_strings(tokenizer, token_ids: Sequence[int] | torch.Tensor) -> list[str]:

@@ -9,15 +9,15 @@ import math
 
 import torch
 
+from ..checks import check_int
+
 #: Default cap on the number of heatmap cells of one figure (a plotly heatmap of this size stays responsive).
 MAX_CELLS = 200_000
 
 
 def check_max_cells(max_cells: int, min_cells: int = 1) -> int:
     """Validate a ``max_cells`` argument (integer >= ``min_cells``)."""
-    if isinstance(max_cells, bool) or not isinstance(max_cells, int) or max_cells < min_cells:
-        raise ValueError(f"max_cells must be an integer >= {min_cells}, got {max_cells!r}")
-    return max_cells
+    return check_int("max_cells", max_cells, min_cells)
 
 
 def bin_edges(n: int, n_bins: int) -> list[int]:

@@ -16,6 +16,7 @@ from plotly.subplots import make_subplots
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from ..checks import check_int
 from ..cache import LagKVCache
 from ..config import LagConfig
 from ..policies import Policy
@@ -149,8 +150,7 @@ def compression_curve_figure(
         go.Figure: traces are, per config, (tokens theory, MiB theory); then dense (tokens, MiB); then, per
         measurement, (tokens measured, MiB measured). Trace ``meta`` says which: {"kind", "config", "axis"}.
     """
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
-        raise ValueError(f"max_length must be an integer >= 1, got {max_length!r}")
+    check_int("max_length", max_length, 1)
     if bytes_per_token < 1:
         raise ValueError(f"bytes_per_token must be >= 1, got {bytes_per_token}")
     stride = max(1, -(-max_length // max_points))
@@ -209,8 +209,7 @@ def kept_fraction_figure(
         go.Figure: per config a theory line (``meta = {"kind": "theory", ...}``) and its limit (``"limit"``), then the
         measurements (``"measured"``); y in % of the dense cache.
     """
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
-        raise ValueError(f"max_length must be an integer >= 1, got {max_length!r}")
+    check_int("max_length", max_length, 1)
     stride = max(1, max_length // 2000)
     lengths = list(range(1, max_length + 1, stride))
     if lengths[-1] != max_length:

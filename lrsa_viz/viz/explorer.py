@@ -23,6 +23,7 @@ import plotly.graph_objects as go
 import torch
 from IPython.display import display
 
+from ..checks import check_int
 from ..config import LagConfig
 from .capture import KVCapture, capture_kv
 from .cells import MAX_CELLS
@@ -87,8 +88,7 @@ class LagKVExplorer:
             raise ValueError("texts must hold at least one {name: text} entry")
         if source not in SOURCES:
             raise ValueError(f"source must be one of {list(SOURCES)}, got {source!r}")
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 2:
-            raise ValueError(f"max_tokens must be an integer >= 2, got {max_tokens!r}")
+        check_int("max_tokens", max_tokens, 2)
         config = config or LagConfig(sink_size=16, lag_size=64, ratio=0.25)
         self.model, self.tokenizer, self.texts = model, tokenizer, dict(texts)
         self.max_tokens, self.layers, self.max_cells, self.max_captures = max_tokens, layers, max_cells, max_captures

@@ -8,6 +8,7 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
+from ..checks import check_int
 from ..config import LagConfig
 from ..scoring import select_top_k
 from .cells import MAX_CELLS, check_max_cells, hover_safe
@@ -82,8 +83,7 @@ def lag_score_figure(
     if lag != config.lag_size:
         raise ValueError(f"scores has {lag} columns but config.lag_size is {config.lag_size}")
     check_max_cells(max_cells, min_cells=lag)
-    if isinstance(kept_text_width, bool) or not isinstance(kept_text_width, int) or kept_text_width < 0:
-        raise ValueError(f"kept_text_width must be an integer >= 0, got {kept_text_width!r}")
+    check_int("kept_text_width", kept_text_width, 0)
     shown = min(n_rows, max_cells // lag)
     scores = scores[:shown].float()
     s = config.sink_size
@@ -170,8 +170,7 @@ def _kept_offsets(score: torch.Tensor, top_k: int | None) -> list[int]:
     """Offsets of the top_k scores of one partition [L] by the project's selection rule (`select_top_k`)."""
     if not top_k:
         return []
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= score.numel():
-        raise ValueError(f"top_k must be an integer in [1, {score.numel()}], got {top_k!r}")
+    check_int("top_k", top_k, 1, score.numel())
     return select_top_k(score.float()[None, None, None], top_k)[0, 0, 0].tolist()
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..checks import check_int
+
 #: data/passages/ of the repository (the package is used from a source checkout / editable install).
 PASSAGES_DIR = Path(__file__).resolve().parents[2] / "data" / "passages"
 
@@ -29,8 +31,7 @@ def long_text(tokenizer, n_tokens: int, names: list[str] | None = None, director
     For long-input demos (4k-8k tokens); repetition is stated here because it makes later copies of a passage
     predictable from the earlier ones, which changes which tokens matter.
     """
-    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
-        raise ValueError(f"n_tokens must be an integer >= 1, got {n_tokens!r}")
+    check_int("n_tokens", n_tokens, 1)
     texts = [read_passage(n, directory).strip() for n in (names or passage_names(directory))]
     joined = "\n\n".join(texts)
     parts = [joined]
