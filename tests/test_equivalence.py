@@ -93,7 +93,7 @@ def test_forced_selections_are_used_tiny(tiny):
     """Forcing another run's selections changes the result exactly as that run's mask would (reference backend)."""
     cfg = LagConfig(2, 6, 0.5)
     ids = torch.randint(0, 256, (2, 60), generator=torch.Generator().manual_seed(3))
-    _, cache = chunked_prefill(tiny, ids, cfg)
+    chunked, cache = chunked_prefill(tiny, ids, cfg)
     keep = cache.kept_position_mask()
     shuffled = keep.clone()  # another valid selection: in every scored partition keep the complement's first tokens
     s, lag, k = cfg.sink_size, cfg.lag_size, cfg.top_k
@@ -103,14 +103,12 @@ def test_forced_selections_are_used_tiny(tiny):
         flipped = ~keep[..., part]  # lag - k = 3 = k tokens: also a valid selection
         shuffled[..., part] = flipped
     with torch.no_grad():
-        with lrsa(tiny, cfg):
-            free = tiny(ids).logits
         with lrsa(tiny, cfg, keep=keep):
             same = tiny(ids).logits
         with lrsa(tiny, cfg, keep=shuffled):
             other = tiny(ids).logits
-    assert (free - same).abs().max().item() <= 1e-4  # the tiny model has no near-ties here: the same selections
-    assert (free - other).abs().max().item() > 1e-3  # forced selections are really used
+    assert (chunked - same).abs().max().item() <= 1e-4  # forced = the chunked run's selections: equal on any machine
+    assert (same - other).abs().max().item() > 1e-3  # forced selections are really used
     assert tiny.config._attn_implementation != "lrsa"
     assert all(getattr(m, "lrsa_forced_keep", None) is None for m in tiny.modules())
 

@@ -122,16 +122,18 @@ def test_shared_prefill_equals_one_setting_at_a_time(tok, tiny_lm):
     assert many[Setting("snapkv", "one_shot", 0.5)][1] == many[Setting("lagkv", "one_shot", 0.5)][1] < 1
 
 
-def test_rows_score_each_example_with_its_own_metric(tok, tiny_lm):
+def test_rows_score_each_example_with_its_own_metric(tok, tiny_lm, monkeypatch):
     """``score`` is exact match for single answers and set F1 for set answers; the budget check sees each value."""
-    from lrsa_viz.tasks import make_task
+    import lrsa_viz.evaluate as evaluate
+    from lrsa_viz.tasks import make_task, set_f1
 
     examples = make_task("multi_value", tok, 400).split("test", 2)
     assert budget_examples(examples) == [{"answer": v} for ex in examples for v in ex["answer"].split(", ")]
+    one_value = examples[0]["answer"].split(", ")[0]  # every answer: one of example 0's values (partly right)
+    monkeypatch.setattr(evaluate, "decode_answer", lambda tokenizer, tokens: one_value)
     rows = evaluate_model(tiny_lm, tok, examples, [Setting()], LAG, batch_size=2, max_new_tokens=3, progress=False)
-    from lrsa_viz.tasks import set_f1
-    expected = sum(set_f1(p, ex["answer"]) for p, ex in zip(rows[0]["predictions"], examples)) / 2
-    assert rows[0]["score"] == expected
+    expected = sum(set_f1(one_value, ex["answer"]) for ex in examples) / 2
+    assert rows[0]["score"] == expected > 0 == rows[0]["exact_match"], "set F1 gives partial credit, exact match none"
     with pytest.raises(ValueError, match="no repeats"):
         evaluate_model(tiny_lm, tok, examples, [Setting(), Setting()], LAG, progress=False)
 

@@ -4,6 +4,7 @@ import csv
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -49,8 +50,11 @@ def test_suite_script_resumes_and_writes_the_results(tmp_path):
     assert len(summary) == len(keys) // 2 and all(s["n_seeds"] == 2 and s["std"] is not None for s in summary)
     assert [(p["seed"], p["model"]) for p in results["prose"]] == [(s, m) for s in (0, 1) for m in ("base", "full", "lrsa")]
     assert {(c["run"], c["seed"]) for c in results["curves"]} == {(m, s) for m in ("full", "lrsa") for s in (0, 1)}
-    assert any(run["run_info"]["resumed_at_step"] for run in results["runs"].values()) or \
-        "stopped for the deadline" not in first.stderr
+    stopped = re.findall(r"train/(\d+)/(\w+): stopped for the deadline", first.stdout)  # the script logs to stdout
+    # a fine-tune the first call stopped is resumed from its checkpoint by the second (whether the 6 s cut one
+    # depends on the machine's speed; resuming a stopped fine-tune itself is tested in tests/test_train.py)
+    for seed, mode in stopped:
+        assert results["runs"][f"{mode}/seed{seed}"]["run_info"]["resumed_at_step"], (mode, seed)
     assert results["reductions"] and results["command"].startswith("MODEL=tiny:0 SEEDS='0 1'")
     assert results["environment"]["torch"] and results["environment"]["device"] == "cpu"
     table = list(csv.DictReader((tmp_path / "out" / "finetune_suite.csv").open()))
