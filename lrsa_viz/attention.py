@@ -127,7 +127,7 @@ def lrsa_attention_forward(
         return out.transpose(1, 2).contiguous(), None
     with torch.no_grad():
         if forced is None:  # the NaN/inf scan reads the data: CPU only (a device sync per layer on CUDA)
-            kept = keep_mask(key.detach(), value.detach(), config, check_finite=not key.is_cuda)  # [B, H_kv, N]
+            kept = keep_mask(key.detach(), value.detach(), config, check_finite="cpu")  # [B, H_kv, N]
         else:
             kept = forced
         q_pos = torch.arange(kv_len - q_len, kv_len, device=key.device)

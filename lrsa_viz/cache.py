@@ -39,7 +39,7 @@ class LagKVLayer(DynamicLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append [B, H_kv, q, d] states, return everything to attend to (before compression), then compress."""
-        check_kv(key_states, value_states, finite=not getattr(key_states, "is_cuda", False))  # NaN/inf scan: CPU only
+        check_kv(key_states, value_states, finite="cpu")  # NaN/inf scan: CPU tensors only
         if self.is_initialized and key_states.shape[:2] + key_states.shape[3:] != self.keys.shape[:2] + self.keys.shape[3:]:
             raise ValueError(
                 f"key_states: shape {tuple(key_states.shape)} does not continue the cached [B, H_kv, stored, d] = "

@@ -146,8 +146,7 @@ def example_score(prediction: str, example: dict) -> float:
 
 def setting_config(setting: Setting, lag: LagConfig) -> LagConfig:
     """``lag`` (sink_size, lag_size, score_v_ratio) at the ratio of a compressed ``setting``."""
-    return LagConfig(sink_size=lag.sink_size, lag_size=lag.lag_size, ratio=setting.ratio,
-                     score_v_ratio=lag.score_v_ratio)
+    return dataclasses.replace(lag, ratio=setting.ratio)
 
 
 def make_cache(setting: Setting, lag: LagConfig, seed: int = 0):
@@ -302,7 +301,6 @@ def greedy_answers_many(model, input_ids: torch.Tensor, context_end: int, settin
     n = input_ids.shape[1]
     device = input_ids.device
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    clock = {}
 
     def timed(setting, t0):
         sync()
@@ -320,10 +318,10 @@ def greedy_answers_many(model, input_ids: torch.Tensor, context_end: int, settin
             model(input_ids=input_ids[:, :context_end], past_key_values=prefix, use_cache=True, logits_to_keep=1)
         kv = [(layer.keys, layer.values) for layer in prefix.layers]
         del prefix
-        clock["prefill"] = time.perf_counter() - t0
+        prefill_s = time.perf_counter() - t0
         first = next((s for s in shared if s.policy is None), shared[0])
         for s in shared:
-            t0 = time.perf_counter() - (clock["prefill"] if s == first else 0.0)
+            t0 = time.perf_counter() - (prefill_s if s == first else 0.0)
             cache = make_cache(s, lag, seed)
             for i, (k, v) in enumerate(kv):
                 if s.policy == "snapkv":
@@ -620,9 +618,9 @@ def print_table(results: dict, file=sys.stdout) -> None:
     """A plain-text view of the table: one line per (model, setting, ratio)."""
     print(f"{'model':<8} {'setting':<20} {'ratio':>6} {'EM':>6} {'F1':>6} {'contains':>8} {'score':>6} {'kv':>6} "
           f"{'s':>7}", file=file)
-    for r in results["rows"]:
+    for r in results_table(results):
         print(f"{r['model']:<8} {r['setting']:<20} {r['ratio']:>6.3f} {r['exact_match']:>6.3f} {r['f1']:>6.3f} "
-              f"{r['contains']:>8.3f} {r.get('score', r['exact_match']):>6.3f} {r['kv_fraction']:>6.3f} "
+              f"{r['contains']:>8.3f} {r['score']:>6.3f} {r['kv_fraction']:>6.3f} "
               f"{r['seconds']:>7.1f}", file=file)
 
 

@@ -13,11 +13,11 @@ from .config import LagConfig
 RANGE_EPS = 1e-6
 
 
-def check_kv(keys: torch.Tensor, values: torch.Tensor, finite: bool = True) -> None:
+def check_kv(keys: torch.Tensor, values: torch.Tensor, finite: bool | str = True) -> None:
     """Raise ValueError unless keys and values are finite float [B, H_kv, N, d] tensors of one shape with d >= 2.
 
-    ``finite=False`` skips the NaN/inf scan, the one check that reads the data (a device sync on CUDA): hot paths
-    inside a model forward pass it for CUDA tensors, public entry points keep it.
+    ``finite``: the NaN/inf scan, the one check that reads the data (on an accelerator, a wait for the device):
+    True (public entry points), False, or ``"cpu"``: only for CPU tensors (hot paths inside a model's forward).
     """
     for name, t in (("keys", keys), ("values", values)):
         if not isinstance(t, torch.Tensor):
@@ -30,7 +30,7 @@ def check_kv(keys: torch.Tensor, values: torch.Tensor, finite: bool = True) -> N
         raise ValueError(f"keys and values must have the same shape, got {tuple(keys.shape)} and {tuple(values.shape)}")
     if keys.shape[-1] < 2:
         raise ValueError(f"head dim d must be >= 2 (the score is a std over channels), got {keys.shape[-1]}")
-    if finite:
+    if finite is True or (finite == "cpu" and keys.device.type == "cpu"):
         for name, t in (("keys", keys), ("values", values)):
             check_finite(name, t)
 
@@ -65,7 +65,8 @@ def token_std_scores(z: torch.Tensor, lag_size: int) -> torch.Tensor:
     return normalised.std(dim=-1).softmax(dim=-1)
 
 
-def lagkv_scores(keys: torch.Tensor, values: torch.Tensor, config: LagConfig, check_finite: bool = True) -> torch.Tensor:
+def lagkv_scores(keys: torch.Tensor, values: torch.Tensor, config: LagConfig,
+                 check_finite: bool | str = True) -> torch.Tensor:
     """LagKV scores ``a_K + score_v_ratio * a_V`` of every scored partition.
 
     Args:
@@ -73,7 +74,7 @@ def lagkv_scores(keys: torch.Tensor, values: torch.Tensor, config: LagConfig, ch
     Returns:
         [B, H_kv, max(P - 1, 0), L] float32. Row p scores partition p (tokens S + p*L ... S + (p+1)*L - 1)
         against partition p + 1. Empty when N < S + 2L.
-    ``check_finite=False`` skips the NaN/inf scan (see `check_kv`).
+    ``check_finite``: the NaN/inf scan, True, False or "cpu" (see `check_kv`).
     """
     check_kv(keys, values, finite=check_finite)
     s, lag = config.sink_size, config.lag_size
@@ -141,7 +142,7 @@ def keep_mask_from_scores(scores: torch.Tensor, seq_len: int, config: LagConfig)
 
 
 def lagkv_keep_indices(keys: torch.Tensor, values: torch.Tensor, config: LagConfig,
-                       check_finite: bool = True) -> torch.Tensor:
+                       check_finite: bool | str = True) -> torch.Tensor:
     """Positions kept by one-shot LagKV compression, ascending.
 
     Sink + top-k of each scored partition + the last full partition + the remainder.
@@ -153,6 +154,7 @@ def lagkv_keep_indices(keys: torch.Tensor, values: torch.Tensor, config: LagConf
     return keep_indices_from_scores(lagkv_scores(keys, values, config, check_finite), keys.shape[-2], config)
 
 
-def keep_mask(keys: torch.Tensor, values: torch.Tensor, config: LagConfig, check_finite: bool = True) -> torch.Tensor:
+def keep_mask(keys: torch.Tensor, values: torch.Tensor, config: LagConfig,
+              check_finite: bool | str = True) -> torch.Tensor:
     """Boolean form of `lagkv_keep_indices`: [B, H_kv, N], True where one-shot compression keeps the token."""
     return keep_mask_from_scores(lagkv_scores(keys, values, config, check_finite), keys.shape[-2], config)

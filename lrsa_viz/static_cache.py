@@ -48,6 +48,8 @@ def stored_length(seen: int | torch.Tensor, config: LagConfig) -> int | torch.Te
     Works on Python ints and on integer tensors (device-side, no sync): ``seen - c * (L - k)`` with
     ``c = max((seen - S) // L - 1, 0)`` compressed partitions.
     """
+    if not isinstance(seen, torch.Tensor):
+        return config.retained_length(seen)
     return seen - compressed_partitions(seen, config) * (config.lag_size - config.top_k)
 
 
@@ -212,7 +214,7 @@ class StaticLagKVCache(Cache):
         if self._empty:
             if q > self.token_limit:
                 raise ValueError(f"input: the first update has {q} tokens, more than max_cache_len={self.token_limit}")
-            check_kv(key_states, value_states, finite=not key_states.is_cuda)
+            check_kv(key_states, value_states, finite="cpu")
             self._allocate(key_states)
             self._filling, self._empty = True, False
             self._seen.fill_(q)
@@ -223,9 +225,7 @@ class StaticLagKVCache(Cache):
         if not torch.compiler.is_compiling() and q > self.max_chunk:
             raise ValueError(f"input: an update after the first may append at most max_chunk={self.max_chunk} tokens "
                              f"(the cache was sized for it), got {q}; build the cache with max_chunk >= {q}")
-        span = self._pending_span
-        for _ in range(-(-(span - self.lag_config.lag_size + 1) // self.lag_config.lag_size)):
-            self._compress_one(span)
+        self._compress_pending()
         seen = self._seen
         stored = stored_length(seen, self.lag_config)
         # stored state (not new tensors) only: CUDA graphs must not keep step outputs alive between replays
@@ -251,6 +251,12 @@ class StaticLagKVCache(Cache):
 
     def _use_compiled_selection(self, key_states: torch.Tensor) -> bool:
         return key_states.is_cuda if self.compiled_selection is None else self.compiled_selection
+
+    def _compress_pending(self) -> None:
+        """Every compression the last update may have made due (one per L tokens of its span)."""
+        span = self._pending_span
+        for _ in range(-(-(span - self.lag_config.lag_size + 1) // self.lag_config.lag_size)):
+            self._compress_one(span)
 
     @torch.no_grad()
     def _compress_one(self, span: int) -> None:
@@ -308,9 +314,7 @@ class StaticLagKVCache(Cache):
         """Apply the compression the last update left pending (the next update would do it first)."""
         if self._empty or self._filling:
             return
-        span = self._pending_span
-        for _ in range(-(-(span - self.lag_config.lag_size + 1) // self.lag_config.lag_size)):
-            self._compress_one(span)
+        self._compress_pending()
         self._pending_span = self.lag_config.lag_size
 
     def check_overflow(self) -> None:
@@ -325,19 +329,21 @@ class StaticLagKVCache(Cache):
 
         Same layout as `LagKVCache.kept_positions`. Applies any pending compression first and reads the counters.
         """
+        return self._kept_positions()[layer_idx]
+
+    def _kept_positions(self) -> torch.Tensor:
+        """[layers, B, H_kv, stored] original positions of every layer, after the pending compression."""
         self.check_overflow()
         self.flush()
-        n = self.stored_length()
-        return self.position_buffer[layer_idx, :, :, :n].long()
+        return self.position_buffer[:, :, :, :self.stored_length()].long()
 
     def kept_position_mask(self, seq_len: int | None = None) -> torch.Tensor:
-        """[layers, B, H_kv, seen] bool: which original positions each layer and head still stores."""
-        seen = seq_len or int(self._seen) if not self._empty else 0
-        out = []
-        for i in range(len(self.layers)):
-            pos = self.kept_positions(i)
-            out.append(torch.zeros(*pos.shape[:2], seen, dtype=torch.bool, device=pos.device).scatter_(-1, pos, True))
-        return torch.stack(out)
+        """[layers, B, H_kv, seq_len] bool (default: the tokens seen): which original positions each layer and head
+        still stores."""
+        positions = self._kept_positions()
+        seen = seq_len if seq_len is not None else (0 if self._empty else int(self._seen))
+        mask = torch.zeros(*positions.shape[:3], seen, dtype=torch.bool, device=positions.device)
+        return mask.scatter_(-1, positions, True)
 
     def nbytes(self) -> int:
         """Bytes of the key and value buffers (allocated: all M slots of every layer)."""

@@ -190,7 +190,7 @@ def bucketed_step_indices(buckets: Sequence[int], batch_size: int, step: int, se
         buckets: the bucket of each example (any integers).
     """
     if not buckets:
-        raise ValueError("n_examples: the training set is empty")
+        raise ValueError("buckets: the training set is empty")
     members: dict[int, list[int]] = {}
     for i, b in enumerate(buckets):
         members.setdefault(b, []).append(i)

@@ -58,6 +58,9 @@ def test_deterministic_and_prefix_stable(tok, haystack, splits, name):
 def test_workers_give_the_same_examples(tok, splits):
     task = make_task("variable_tracking", tok, CONTEXT, seed=0)
     assert task.split("test", 12, workers=2) == splits["variable_tracking"]
+    own = Haystack(tok, texts={"one text": "The tide came in over the grey stones of the harbour wall. " * 40})
+    task = make_task("variable_tracking", tok, CONTEXT, seed=0, haystack=own)  # a user's haystack reaches workers
+    assert task.split("test", 4, workers=2) == task.split("test", 4) != splits["variable_tracking"][:4]
 
 
 @pytest.mark.parametrize("name", [n for n in TASKS if n != "single_needle"])
@@ -167,6 +170,7 @@ def test_split_sentences():
         (lambda tok: make_task("single_needle", tok, 600, seed=-1), "seed must be an integer >= 0"),
         (lambda tok: make_task("single_needle", tok, 600).example("val", 0), "split must be one of"),
         (lambda tok: Haystack(tok, prose_fraction=2), r"prose_fraction must be a number in \[0, 1\]"),
+        (lambda tok: make_task("multi_key", tok, 600).check_near_count("near", 10**6), "near-duplicates of a key"),
     ],
 )
 def test_bad_input(tok, call, match):

@@ -229,7 +229,8 @@ def _attend(query, key, value, select_key, select_value, positions, block_mask, 
             config: LagConfig, scaling, gqa: bool, kernel_options, flex=flex_attention, select=compact_positions):
     """Selection (unless ``positions``), layout, one FlexAttention call, padding rows dropped: [B, H_q, n, d].
 
-    ``select_key``/``select_value``: detached K/V zero-padded to the layout's N (>= n); selections they give past
+    ``select_key``/``select_value``: detached K/V zero-padded to the layout's N (>= n), None with ``positions``;
+    selections they give past
     the real tokens (partitions whose reference is padding) are seen by padding queries only, so they are
     replaced by a valid index (n - 1) for the gather.
     """
@@ -367,10 +368,12 @@ def fast_lrsa_attention(
     else:
         dtype = query.dtype
     layout, block_mask, kernel_options = _plan(n, config, block_size, options, query.device, dtype, d, compiled)
-    select_key, select_value = key.detach(), value.detach()  # the selection reads K/V as given (before any cast)
-    if layout.seq_len != n:
-        select_key, select_value = (F.pad(t, (0, 0, 0, layout.seq_len - n)) for t in (select_key, select_value))
-    if positions is not None:
+    select_key = select_value = None  # forced positions: no selection reads K/V
+    if positions is None:
+        select_key, select_value = key.detach(), value.detach()  # the selection reads K/V as given (before any cast)
+        if layout.seq_len != n:
+            select_key, select_value = (F.pad(t, (0, 0, 0, layout.seq_len - n)) for t in (select_key, select_value))
+    else:
         check_positions(positions, key, LrsaLayout.of(n, config, block_size))
         if layout.compact != positions.shape[-1]:  # entries for the padded partitions: seen by padding queries only
             positions = F.pad(positions, (0, layout.compact - positions.shape[-1]))

@@ -28,9 +28,6 @@ class FrequentWord(Task):
         self.n_words, self.top = n_words, top
         self.words = single_token_words(self.haystack, WORDS)
 
-    def options(self) -> dict:
-        return {"n_words": self.n_words, "top": self.top}
-
     def make(self, rng):
         words = rng.sample(self.words, self.n_words)
         counts = [self.top] + [rng.randint(2, self.top - 2) for _ in words[1:]]

@@ -83,17 +83,12 @@ class Task:
         self.context_tokens = context_tokens
         self.seed = seed
         self.haystack = haystack or Haystack(tokenizer, prose_fraction=prose_fraction)
-        self.prose_fraction = self.haystack.prose_fraction
         self._intro_tokens = self.haystack.count([INTRO])[0]
 
     # what a task defines ----------------------------------------------------------------------------------------
     def make(self, rng: random.Random) -> Spec:  # pragma: no cover - abstract
         """The needles, question and answer of one example, drawn from ``rng``."""
         raise NotImplementedError
-
-    def options(self) -> dict:
-        """The task's own parameters (recorded with results; passed back to the constructor by workers)."""
-        return {}
 
     # the shared machinery ---------------------------------------------------------------------------------------
     def example(self, split: str, index: int) -> dict:
@@ -168,8 +163,7 @@ class Task:
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-        init = (type(self), self.tokenizer, self.context_tokens, self.seed, self.prose_fraction, self.options())
-        with mp.get_context(method).Pool(workers, _init_worker, init) as pool:
+        with mp.get_context(method).Pool(workers, _init_worker, (self,)) as pool:  # the task itself: same haystack
             jobs = pool.imap(_worker_example, [(split, i) for i in indices], chunksize=4)
             return list(tqdm(jobs, **bar))
 
@@ -177,9 +171,9 @@ class Task:
 _WORKER: Task | None = None
 
 
-def _init_worker(cls, tokenizer, context_tokens, seed, prose_fraction, options) -> None:
+def _init_worker(task: Task) -> None:
     global _WORKER
-    _WORKER = cls(tokenizer, context_tokens=context_tokens, seed=seed, prose_fraction=prose_fraction, **options)
+    _WORKER = task
 
 
 def _worker_example(job: tuple[str, int]) -> dict:

@@ -41,6 +41,13 @@ class _KeyedTask(Task):
         if min(len(p) for p in self.parts) < 4:
             raise ValueError("tokenizer: too few single-token key words for the keyed tasks")
 
+    def check_near_count(self, name: str, k: int) -> None:
+        """ValueError unless ``k`` keys that differ from one key in exactly one part exist (else near_keys would
+        search forever)."""
+        available = sum(len(p) - 1 for p in self.parts)
+        if k > available:
+            raise ValueError(f"{name}: this tokenizer has {available} single-token near-duplicates of a key, got {k}")
+
     def random_key(self, rng: random.Random) -> tuple[str, ...]:
         return tuple(rng.choice(p) for p in self.parts)
 
@@ -79,9 +86,6 @@ class SingleNeedle(Task):
         if len(self.haystack.names) < n_facts:
             raise ValueError(f"n_facts: only {len(self.haystack.names)} single-token names, got {n_facts}")
 
-    def options(self) -> dict:
-        return {"n_facts": self.n_facts, "answer_digits": self.answer_digits}
-
     def make(self, rng):
         kind = rng.choice(sorted(FACT_KINDS))
         fact, question = FACT_KINDS[kind]
@@ -106,10 +110,8 @@ class MultiKey(_KeyedTask):
         check_int("n_needles", n_needles, 2, 32)
         if isinstance(near, bool) or not isinstance(near, int) or not 0 <= near < n_needles:
             raise ValueError(f"near must be an integer in [0, n_needles - 1 = {n_needles - 1}], got {near!r}")
+        self.check_near_count("near", near)
         self.n_needles, self.near = n_needles, near
-
-    def options(self) -> dict:
-        return {"n_needles": self.n_needles, "near": self.near}
 
     def make(self, rng):
         key = self.random_key(rng)
@@ -138,10 +140,8 @@ class MultiValue(_KeyedTask):
         super().__init__(*args, **kwargs)
         for name, value, lo, hi in (("n_values", n_values, 2, 8), ("n_distractors", n_distractors, 0, 24)):
             check_int(name, value, lo, hi)
+        self.check_near_count("n_distractors", n_distractors)
         self.n_values, self.n_distractors = n_values, n_distractors
-
-    def options(self) -> dict:
-        return {"n_values": self.n_values, "n_distractors": self.n_distractors}
 
     def make(self, rng):
         key = self.random_key(rng)
@@ -168,9 +168,6 @@ class MultiQuery(_KeyedTask):
         check_int("n_needles", n_needles, 2, 32)
         check_int("n_queries", n_queries, 2, min(4, n_needles))
         self.n_needles, self.n_queries = n_needles, n_queries
-
-    def options(self) -> dict:
-        return {"n_needles": self.n_needles, "n_queries": self.n_queries}
 
     def make(self, rng):
         keys: list[tuple[str, ...]] = []

@@ -36,7 +36,7 @@ import re
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -371,9 +371,9 @@ class Worker:
         claims = Claims(self.work, self.worker, self.n_workers)
         done = 0
         while time.time() < self.deadline - self.margin_s:
-            job, _ = claims.pick(jobs)
+            job, pending = claims.pick(jobs)
             if job is None:
-                if all(self.work.is_done(j) for j, _ in jobs):
+                if not pending:  # every job is done
                     break
                 busy = any((self.work.root / "claims").iterdir()) or self.work.data_status() == "running"
                 if not busy:  # nobody is making what the pending jobs need

@@ -32,9 +32,6 @@ class VariableTracking(Task):
         if len(self.var_names) < 4 * n_chains * (hops + 1):
             raise ValueError("tokenizer: too few two-token variable names")
 
-    def options(self) -> dict:
-        return {"n_chains": self.n_chains, "hops": self.hops, "value_digits": self.value_digits}
-
     def make(self, rng):
         names = rng.sample(self.var_names, self.n_chains * (self.hops + 1))
         values = distinct_values(rng, self.n_chains, self.value_digits)

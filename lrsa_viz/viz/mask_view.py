@@ -24,7 +24,7 @@ from ..cache import LagKVCache
 from ..config import LagConfig
 from ..mask import partition_index
 from ..prefill import prefill_chunks
-from .cells import MAX_CELLS, check_max_cells, hover_safe, pool_blocks, pool_factor
+from .cells import MAX_CELLS, add_shapes, check_max_cells, hover_safe, pool_blocks, pool_factor
 
 #: Region codes of `mask_regions`, in order; the visible ones are SINK, SELECTED, LAGGING and OWN.
 FUTURE, EVICTED, SINK, SELECTED, LAGGING, OWN = range(6)
@@ -125,17 +125,21 @@ def add_partition_grid(
     a thin line at every partition boundary (up to ``max_lines`` per axis). Returns ``fig`` (changed in place)."""
     vals, text, bounds = partition_ticks(config, start, stop)
     where = {} if row is None else dict(row=row, col=col)
+    sub = fig.get_subplot(row, col) if row is not None else None
+    xref, yref = ("x", "y") if sub is None else (a.plotly_name.replace("axis", "") for a in (sub.xaxis, sub.yaxis))
     line = dict(color="rgba(0,0,0,0.35)", width=1)
+    lines = []
     if x:
         fig.update_xaxes(tickvals=vals, ticktext=text, tickangle=0, **where)
         if len(bounds) <= max_lines:
-            for b in bounds:
-                fig.add_vline(x=b - 0.5, line=line, **where)
+            lines += [dict(type="line", x0=b - 0.5, x1=b - 0.5, xref=xref, y0=0, y1=1, yref=f"{yref} domain",
+                           line=line) for b in bounds]
     if y:
         fig.update_yaxes(tickvals=vals, ticktext=text, **where)
         if len(bounds) <= max_lines:
-            for b in bounds:
-                fig.add_hline(y=b - 0.5, line=line, **where)
+            lines += [dict(type="line", y0=b - 0.5, y1=b - 0.5, yref=yref, x0=0, x1=1, xref=f"{xref} domain",
+                           line=line) for b in bounds]
+    add_shapes(fig, lines)  # in one assignment (fig.add_vline in a loop re-validates every earlier line)
     return fig
 
 

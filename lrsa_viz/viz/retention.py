@@ -13,7 +13,7 @@ import torch
 from plotly.colors import sample_colorscale
 
 from ..config import LagConfig
-from .cells import MAX_CELLS, bin_columns, check_max_cells, hover_safe, snippet
+from .cells import MAX_CELLS, add_shapes, bin_columns, check_max_cells, hover_safe, snippet
 
 
 def _check_kept(kept: torch.Tensor) -> torch.Tensor:
@@ -62,12 +62,6 @@ REGION_COLOURS = {"sink": "#7f7f7f", "scored": "#ff7f0e", "kept_whole": "#2ca02c
 MAX_ROW_LABELS = 45
 #: At most this many partition gridlines are drawn (every m-th boundary beyond it; the title says so).
 MAX_GRIDLINES = 200
-
-
-def add_shapes(fig: go.Figure, shapes: list[dict]) -> None:
-    """Append layout shapes in ONE assignment (``fig.add_shape`` in a loop re-validates every earlier shape each
-    time: seconds for a few hundred gridlines)."""
-    fig.update_layout(shapes=[*fig.layout.shapes, *shapes])
 
 
 def _annotate_partitions(fig: go.Figure, n: int, config: LagConfig, plot_height: int) -> dict:
