@@ -1,6 +1,6 @@
 """Inference benchmark: the full KV cache in its fastest transformers form against the static LagKV cache.
 
-One command (from the repository root, one CUDA GPU, a few minutes):
+One command (from the repository root, one CUDA GPU):
 
     PYTHONPATH=. python3 benchmarks/bench_inference.py --out data/results/bench_inference_h200.json
 
@@ -47,14 +47,13 @@ from pathlib import Path
 import torch
 
 from lrsa_viz import LagConfig, environment_record
+from lrsa_viz.fast.cost import H200_BANDWIDTH, SMOLLM2_CONFIG
 from lrsa_viz.fast.decode import KERNELS, buffer_attention, slot_mask
 from lrsa_viz.static_cache import StaticLagKVCache, stored_length
 from lrsa_viz.static_generate import (compiled_decode_step, decode_step, disable_static_lagkv, enable_static_lagkv,
                                       greedy_decode)
 
-SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-               num_attention_heads=9, num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0,
-               tie_word_embeddings=True, max_position_embeddings=131072)
+SMOLLM2 = SMOLLM2_CONFIG
 SMOKE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, max_position_embeddings=8192)
 MODES = ("full_cache_sdpa", "full_cache_buffer", "lagkv_cache_fast_lrsa")
@@ -62,7 +61,7 @@ FULL_MODES = ("full_cache_sdpa", "full_cache_buffer")
 LAGKV = "lagkv_cache_fast_lrsa"
 FIT_BYTES = 100 * 2 ** 30
 #: The H200's datasheet memory bandwidth (bytes/s); the fraction is also given against the measured copy rate.
-NOMINAL_BANDWIDTH = 4.8e12
+NOMINAL_BANDWIDTH = H200_BANDWIDTH
 SYNC_EVENTS = ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 
 
@@ -379,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--sync-steps", type=int, default=8, help="decode steps profiled for host syncs (0: skip)")
     ap.add_argument("--modes", default="full_cache_sdpa," + LAGKV,
                     help=f"of {','.join(MODES)} (full_cache_buffer: the full cache with LagKV's decode kernel, the "
-                         "like-for-like comparison; off by default to keep the run near 4 minutes: each mode compiles)")
+                         "like-for-like comparison; off by default to keep the run short (an estimate: each mode compiles)")
     ap.add_argument("--kernel", default="sdpa_folded", choices=KERNELS, help="buffer-attention kernel")
     ap.add_argument("--kernel-bench", type=int, default=1, help="also time each kernel alone (1/0)")
     ap.add_argument("--backend", default="auto", choices=("auto", "flex", "reference"), help="LRSA prefill backend")

@@ -45,7 +45,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lrsa_viz import LagConfig, LagKVCache, disable_lrsa, enable_lrsa, environment_record
 from lrsa_viz.fast import compact_positions, compiled_compact_positions, fast_lrsa_attention
-from lrsa_viz.fast.cost import attention_flops, dense_causal_pairs, lrsa_tiles, lrsa_visible_pairs
+from lrsa_viz.fast.cost import SMOLLM2_CONFIG, attention_flops, dense_causal_pairs, lrsa_tiles, lrsa_visible_pairs
 from lrsa_viz.fast.kernel import (KERNEL_ENV, allow_recompiles, compiled_flex_attention, flash_unavailable_reason,
                                   flex_kernel_backend, kernel_report)
 from lrsa_viz.fast.layout import ALIGN_QUERIES, LrsaLayout, layout_kv, lrsa_block_mask, pad_queries
@@ -54,9 +54,7 @@ from lrsa_viz.mask import visibility_from_keep
 from lrsa_viz.scoring import keep_mask, lagkv_keep_indices
 
 HEADS_Q, HEADS_KV, HEAD_DIM = 9, 3, 64
-SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-               num_attention_heads=9, num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0,
-               tie_word_embeddings=True, max_position_embeddings=131072)
+SMOLLM2 = SMOLLM2_CONFIG
 #: --smoke: a 2-layer model of the same head layout on the CPU, float32
 SMOKE_MODEL = dict(SMOLLM2, vocab_size=256, hidden_size=144, intermediate_size=128, num_hidden_layers=2)
 #: Accepted error of bf16 fast LRSA against a float32 reference (relative L2 norm, ||x - ref|| / ||ref||): at most

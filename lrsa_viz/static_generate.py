@@ -1,4 +1,5 @@
-"""Compressed generation at memory speed: one parallel LRSA prefill into a `StaticLagKVCache`, then decoding over
+"""Compressed generation built for memory speed (fixed buffers, no host sync per step; its GPU speed is not yet
+measured): one parallel LRSA prefill into a `StaticLagKVCache`, then decoding over
 its fixed-size buffers (eager, or compiled with CUDA graphs).
 
 `enable_static_lagkv(model, config)` registers the attention implementation ``"lagkv_static"``:
@@ -233,7 +234,7 @@ def static_generate(model: PreTrainedModel, input_ids: torch.Tensor, config: Lag
                     max_new_tokens: int = 32, *, compile: bool | None = None, backend: str = "auto",
                     kernel: str = DEFAULT_KERNEL, progress: bool = False,
                     return_cache: bool = False) -> torch.Tensor | tuple[torch.Tensor, StaticLagKVCache]:
-    """Greedy generation with LagKV compression end to end, at memory speed.
+    """Greedy generation with LagKV compression end to end, over fixed buffers (no host sync per decode step).
 
     The prompt [B, N] goes through one parallel LRSA forward (`static_prefill`) into a `StaticLagKVCache` sized for
     N + max_new_tokens; each new token is then decoded over the compressed buffers, compiled with CUDA graphs when

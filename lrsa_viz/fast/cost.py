@@ -6,6 +6,17 @@ import torch
 from ..config import LagConfig
 from .layout import ALIGN_QUERIES, DEFAULT_BLOCK_SIZE, LrsaLayout, block_classes, visible_bounds
 
+#: SmolLM2-135M's shapes as LlamaConfig arguments (the benchmarks build random models of them; positions raised to
+#: 131072 for long benchmark inputs).
+SMOLLM2_CONFIG = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5,
+                      rope_theta=100000.0, tie_word_embeddings=True, max_position_embeddings=131072)
+#: The same shapes under the short names of the cost model and the figures.
+SMOLLM2_135M = {"vocab": 49152, "hidden": 576, "intermediate": 1536, "layers": 30, "heads_q": 9, "heads_kv": 3,
+                "head_dim": 64}
+#: The H200's datasheet memory bandwidth, bytes/s.
+H200_BANDWIDTH = 4.8e12
+
 #: Matrix products per attention call: forward QK^T and PV; backward recomputes QK^T, then dV, dP, dQ, dK.
 FORWARD_MATMULS, BACKWARD_MATMULS = 2, 5
 

@@ -9,10 +9,10 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from ..config import LagConfig
-from .cost import attention_flops, dense_causal_pairs, kv_cache_bytes, lrsa_tiles, lrsa_visible_pairs
+from .cost import SMOLLM2_135M, attention_flops, dense_causal_pairs, kv_cache_bytes, lrsa_tiles, lrsa_visible_pairs
 
 #: SmolLM2-135M attention shapes and depth.
-SMOLLM2_SHAPES = {"heads_q": 9, "heads_kv": 3, "head_dim": 64, "layers": 30}
+SMOLLM2_SHAPES = {k: SMOLLM2_135M[k] for k in ("heads_q", "heads_kv", "head_dim", "layers")}
 #: Targets of the fast path (attention forward+backward speed-up over the fastest dense kernel, ratio 0.25).
 TARGETS = {8192: 1.8, 32768: 3.0}
 

@@ -11,11 +11,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from ..config import LagConfig
-from .cost import kv_cache_bytes
-
-#: SmolLM2-135M: the default model's shapes.
-SMOLLM2_135M = {"vocab": 49152, "hidden": 576, "intermediate": 1536, "layers": 30, "heads_q": 9, "heads_kv": 3,
-                "head_dim": 64}
+from .cost import H200_BANDWIDTH, SMOLLM2_135M, kv_cache_bytes
 GIB = 2 ** 30
 
 
@@ -28,7 +24,7 @@ def llama_weight_bytes(shapes: dict = SMOLLM2_135M, bytes_per_value: int = 2) ->
 
 
 def decode_cost_figure(context_lens: Sequence[int], config: LagConfig | None = None, batch: int = 16,
-                       bandwidth: float = 4.8e12, budget_bytes: int = 100 * GIB, shapes: dict = SMOLLM2_135M) -> go.Figure:
+                       bandwidth: float = H200_BANDWIDTH, budget_bytes: int = 100 * GIB, shapes: dict = SMOLLM2_135M) -> go.Figure:
     """Left: bytes one decode step reads (weights + the K/V of ``batch`` sequences, bf16) against context length,
     full cache vs LagKV (METHOD eq. 12), and the tokens/s that reading them at ``bandwidth`` allows. Right: how many
     sequences' caches fit in ``budget_bytes``."""

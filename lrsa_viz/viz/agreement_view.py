@@ -3,8 +3,9 @@ flipped token does downstream (figures over `lrsa_viz.agreement.compare_selectio
 
 LagKV's score of a token is ``a_K + v * a_V``, two softmaxes over the L tokens of a partition; each sums to 1, so
 the scores average ``(1 + v) / L`` (2/L for v = 1) and, since the channel-stds they exponentiate differ little,
-sit close to that level. The top-k boundary of a partition then separates tokens whose scores may differ by
-1e-7 — less than the float drift between two runs that compute the same K/V with different matmul shapes.
+sit close to that level. The top-k boundary of a partition then separates tokens whose scores may differ by less
+than the float drift between two runs that compute the same K/V with different matmul shapes (issue 9 found gaps
+from 0 to 1.4e-6 at the flipped boundaries, data/results/agreement_cpu.json a drift of 6e-9 to 5e-8).
 
 Shapes: scores [..., L] (any leading dims: layers, B, H, P - 1), gaps [...], logit differences [N].
 """

@@ -74,8 +74,8 @@ def lag_score_figure(
         go.Figure: trace 0 the heatmap (z [P' , L]; rows labelled "p: tokens a–b"), trace 1 a scatter with one marker
         per kept token (x = offset in the partition, y = partition index) — the top ``int(r * L)`` of each row by
         `select_top_k`. With ``tokens``, one annotation per row (name "kept text") lists the kept tokens in order
-        (tokens separated by '│'). The colour bar is the score ``a_K + a_V``: two softmaxes
-        over the L tokens, so a row sums to 2 and the uniform value is 2/L.
+        (tokens separated by '│'). The colour bar is the score ``a_K + v a_V`` (v = ``score_v_ratio``): two
+        softmaxes over the L tokens, so a row sums to 1 + v and the uniform value is (1 + v)/L (2/L for v = 1).
     """
     if not isinstance(scores, torch.Tensor) or scores.ndim != 2:
         raise ValueError(f"scores must be a [P - 1, L] tensor (one layer and head), got {getattr(scores, 'shape', scores)}")
