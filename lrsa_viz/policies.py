@@ -9,6 +9,7 @@ Every selection goes through `lrsa_viz.scoring.select_top_k` (the one tie rule).
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Iterator
 
 import torch
@@ -119,6 +120,19 @@ class StreamingPolicy(Policy):
         return idx.expand(b, h, -1)
 
 
+def post_rope_queries(module, args: tuple, kwargs: dict, last: int | None = None) -> torch.Tensor:
+    """The post-RoPE queries [B, H_q, w, d] of one call of an attention module (its last ``last`` positions; None:
+    all), recomputed from the call's hidden states with the model family's own rotary function."""
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    cos, sin = kwargs.get("position_embeddings", args[1] if len(args) > 1 else None)
+    if last is not None:
+        w = min(last, hidden.shape[1])
+        hidden, cos, sin = hidden[:, -w:], cos[:, -w:], sin[:, -w:]
+    q = module.q_proj(hidden).view(*hidden.shape[:-1], -1, module.head_dim).transpose(1, 2)
+    apply_rotary = sys.modules[type(module).__module__].apply_rotary_pos_emb
+    return apply_rotary(q, q, cos, sin)[0]
+
+
 class SnapKVPolicy(Policy):
     """SnapKV (Li et al. 2024, arXiv 2404.14469) at the same budget: keep the tokens that the newest queries attend to.
 
@@ -160,21 +174,13 @@ class SnapKVPolicy(Policy):
         ``record``: if given, also ``record[layer_idx] = (queries [B, Hq, w, d], scaling)`` of the latest call of
         each layer (to replay a prefill's compression later, as `lrsa_viz.evaluate.greedy_answers_many` does).
         """
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
         modules = [m for m in model.modules() if hasattr(m, "q_proj") and hasattr(m, "layer_idx")]
         if not modules:
             raise ValueError(f"model: SnapKVPolicy needs attention modules with q_proj (Llama-style); "
                              f"found none in {type(model).__name__}")
 
         def hook(module, args, kwargs):
-            hidden = kwargs.get("hidden_states", args[0] if args else None)
-            cos, sin = kwargs["position_embeddings"]
-            w = min(self.window, hidden.shape[1])
-            q = module.q_proj(hidden[:, -w:])
-            q = q.view(*q.shape[:2], -1, module.head_dim).transpose(1, 2)  # [B, Hq, w, d]
-            q, _ = apply_rotary_pos_emb(q, q, cos[:, -w:], sin[:, -w:])
-            self.set_queries(q, module.scaling)
+            self.set_queries(post_rope_queries(module, args, kwargs, last=self.window), module.scaling)
             if record is not None:
                 record[module.layer_idx] = self._pending
 

@@ -143,11 +143,16 @@ class TrainConfig:
 # Model and data
 
 
+def is_tiny_source(source: str | None) -> bool:
+    """Whether a model source names the tiny random model (``"tiny"`` or ``"tiny:SEED"``)."""
+    return source is not None and (source == TINY_PREFIX or source.startswith(TINY_PREFIX + ":"))
+
+
 def load_source(source: str | None, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
     """(model with SDPA attention, tokenizer) for a model source (see `TrainConfig.model`)."""
     from .models import load_model, tiny_model
 
-    if source is not None and (source == TINY_PREFIX or source.startswith(TINY_PREFIX + ":")):
+    if is_tiny_source(source):
         seed = int(source.split(":", 1)[1]) if ":" in source else 0
         tokenizer = load_tokenizer()
         model = tiny_model(seed=seed, vocab_size=len(tokenizer)).to(device=device, dtype=dtype)

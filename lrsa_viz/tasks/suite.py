@@ -51,7 +51,7 @@ ROW_KEYS = ("task", "context_tokens", "seed", "model", "setting", "policy", "pat
 
 @dataclass
 class SuiteConfig:
-    """Every size of the experiment (recorded with its results). See scripts/gpu_suite.sh for the GPU values."""
+    """Every size of the experiment (recorded with its results). The defaults are scripts/gpu_suite.sh's."""
 
     model: str | None = None
     tasks: tuple[str, ...] = ("single_needle", "multi_key", "variable_tracking", "multi_value", "multi_query",
@@ -61,13 +61,13 @@ class SuiteConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     train_per_cell: int = 64
     dev_per_cell: int = 2
-    test_per_cell: int = 200
-    steps: int = 64
+    test_per_cell: int = 100
+    steps: int = 48
     batch_size: int = 16
-    micro_batch_tokens: int = 32768
-    lr: float = 1e-4
-    warmup_steps: int = 6
-    eval_every: int = 16
+    micro_batch_tokens: int = 40960
+    lr: float = 2e-4
+    warmup_steps: int = 5
+    eval_every: int = 12
     sink_size: int = 16
     lag_size: int = 128
     train_ratio: float = 0.25
@@ -216,9 +216,10 @@ def make_data(work: Work, workers: int = 1, progress: bool = False, tokenizer=No
 def _make_data(work: Work, config: SuiteConfig, workers: int, progress: bool, tokenizer) -> dict[str, float]:
     from . import make_task
     from ..qa_data import load_tokenizer, write_jsonl
+    from ..train import is_tiny_source
     from .haystack import Haystack
 
-    tok = tokenizer or load_tokenizer(config.model if config.model and not config.model.startswith("tiny") else None)
+    tok = tokenizer or load_tokenizer(None if is_tiny_source(config.model) else config.model)
     haystack = Haystack(tok, prose_fraction=config.prose_fraction)
     times = {}
     for job in data_jobs(config):
@@ -341,6 +342,7 @@ class Worker:
         import torch
 
         from ..qa_data import load_tokenizer
+        from ..train import is_tiny_source
 
         self.work, self.worker, self.deadline, self.progress = work, worker, deadline, progress
         self.margin_s = margin_s  # no job starts later than this before the deadline
@@ -348,7 +350,7 @@ class Worker:
         self.config = work.config()
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.tokenizer = load_tokenizer(None if (self.config.model or "").startswith("tiny") else self.config.model)
+        self.tokenizer = load_tokenizer(None if is_tiny_source(self.config.model) else self.config.model)
         self.models: dict[tuple[int, str], object] = {}
 
     def log(self, message: str) -> None:
@@ -444,6 +446,7 @@ class Worker:
                 **prose_loss(self.model(seed, name), self.tokenizer, texts)}
 
     def evaluate(self, seed: int, name: str, tier: str, task: str, ctx: str) -> dict:
+        from ..budget import answer_token_lengths
         from ..config import LagConfig
         from ..evaluate import evaluate_model
         from ..qa_data import read_jsonl
@@ -451,11 +454,11 @@ class Worker:
 
         c = self.config
         examples = read_jsonl(self.work.test_file(seed, task, int(ctx)))
-        answer_tokens = max(len(self.tokenizer(ex["answer"], add_special_tokens=False)["input_ids"]) for ex in examples)
-        prompt_tokens = int(ctx) + 64
+        max_new_tokens = max(answer_token_lengths(self.tokenizer, [ex["answer"] for ex in examples])) + 3
+        batch_size = max(1, c.eval_batch_tokens // (int(ctx) + 64))  # prompt: document + ~64 tokens of chat and question
         lag = LagConfig(c.sink_size, c.lag_size, min(c.ratios))
         rows = evaluate_model(self.model(seed, name), self.tokenizer, examples, tier_settings(c, tier), lag,
-                              batch_size=max(1, c.eval_batch_tokens // prompt_tokens), max_new_tokens=answer_tokens + 3,
+                              batch_size=batch_size, max_new_tokens=max_new_tokens,
                               seed=seed, model_name=name, progress=self.progress,
                               chunked_prefill="auto")  # LagKV chunked: one parallel LRSA prefill on CUDA
         for row in rows:
@@ -465,8 +468,8 @@ class Worker:
         peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if self.device.type == "cuda" else None
         others = [[v for n in ex["needles"] if not n["asked"] for v in re.findall(r"\d+", n["text"])] for ex in examples]
         return {"rows": rows, "answers": [ex["answer"] for ex in examples], "others": others,
-                "depths": [ex["depth"] for ex in examples], "max_new_tokens": answer_tokens + 3,
-                "batch_size": max(1, c.eval_batch_tokens // prompt_tokens), "peak_gpu_memory_gib": peak}
+                "depths": [ex["depth"] for ex in examples], "max_new_tokens": max_new_tokens,
+                "batch_size": batch_size, "peak_gpu_memory_gib": peak}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -607,7 +610,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if a.command == "init":
         config = _config_from_args(a)
         init_work(work, config)
-        if not (config.model or "").startswith("tiny"):
+        from ..train import is_tiny_source
+
+        if not is_tiny_source(config.model):
             from ..models import resolve_model_source
 
             resolve_model_source(config.model)  # a GGUF is converted once here, not by parallel processes

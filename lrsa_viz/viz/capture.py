@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import sys
 from typing import Iterator, Sequence
 
 import torch
@@ -20,6 +19,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from ..attention import attention_state, disable_lrsa, enable_lrsa, lrsa_backend_of, restore_attention_state
 from ..config import LagConfig
+from ..policies import post_rope_queries
 from ..scoring import keep_mask, lagkv_scores
 
 
@@ -107,12 +107,7 @@ def _query_hook(store: dict[int, torch.Tensor], layer: int):
     """A forward hook on an attention module that recomputes and stores its post-RoPE queries [H_q, N, d]."""
 
     def hook(module, args, kwargs, output):
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
-        cos, sin = kwargs.get("position_embeddings", args[1] if len(args) > 1 else None)
-        q = module.q_proj(hidden).view(*hidden.shape[:-1], -1, module.head_dim).transpose(1, 2)
-        apply_rotary = sys.modules[type(module).__module__].apply_rotary_pos_emb
-        q, _ = apply_rotary(q, q, cos, sin)
-        store[layer] = q[0].detach().float().cpu()
+        store[layer] = post_rope_queries(module, args, kwargs)[0].detach().float().cpu()
 
     return hook
 
