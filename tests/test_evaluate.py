@@ -12,8 +12,10 @@ from lrsa_viz.evaluate import (Setting, budget_examples, contains_answer, defaul
                                exact_match, greedy_answers, greedy_answers_many, main, normalize_answer, parse_runs,
                                prose_loss, token_f1)
 from lrsa_viz.policies import RandomPolicy
-from lrsa_viz.qa_data import QAConfig, QAGenerator, encode_prompt, write_jsonl
+from lrsa_viz.qa_data import QAConfig, QAGenerator, write_jsonl
 from lrsa_viz.train import main as train_main
+
+from helpers import prompt_batch
 
 LAG = LagConfig(sink_size=8, lag_size=32, ratio=0.25)
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,17 +48,6 @@ def test_settings():
         Setting("lagkv", "chunked", 0.0)
     with pytest.raises(ValueError, match="full KV takes no"):
         Setting(None, "chunked", 0.5)
-
-
-def prompt_batch(tok, examples):
-    """Two prompts of one length (one kind)."""
-    by_len = {}
-    for ex in examples:
-        ids, end = encode_prompt(tok, ex)
-        by_len.setdefault((len(ids), end), []).append(ids)
-    (n, end), rows = max(by_len.items(), key=lambda kv: len(kv[1]))
-    assert len(rows) >= 2
-    return torch.tensor(rows[:2]), end
 
 
 @pytest.mark.parametrize("policy", ["lagkv", "streaming", "random"])

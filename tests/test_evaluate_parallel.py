@@ -17,9 +17,10 @@ import lrsa_viz.evaluate as evaluate
 from lrsa_viz import LagConfig
 from lrsa_viz.evaluate import (CHUNKED_PREFILLS, Setting, default_settings, evaluate_model, greedy_answers,
                                greedy_answers_many, prefill_of, resolve_chunked_prefill, results_table, row_prefill)
-from lrsa_viz.qa_data import encode_prompt
 from lrsa_viz.static_generate import STATIC_LAGKV
 from lrsa_viz.train import load_source
+
+from helpers import prompt_batch
 
 LAG = LagConfig(sink_size=8, lag_size=32, ratio=0.25)  # S + 2L = 72
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -28,12 +29,7 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 @pytest.fixture(scope="module")
 def batch(tok, examples):
     """Two QA prompts of one length [2, N] (N = 242 here) and their context_end."""
-    by_len: dict[tuple[int, int], list[list[int]]] = {}
-    for ex in examples:
-        ids, end = encode_prompt(tok, ex)
-        by_len.setdefault((len(ids), end), []).append(ids)
-    (_, end), rows = max(by_len.items(), key=lambda kv: len(kv[1]))
-    return torch.tensor(rows[:2]), end
+    return prompt_batch(tok, examples)
 
 
 @pytest.fixture
