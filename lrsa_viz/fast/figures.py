@@ -17,6 +17,14 @@ SMOLLM2_SHAPES = {k: SMOLLM2_135M[k] for k in ("heads_q", "heads_kv", "head_dim"
 TARGETS = {8192: 1.8, 32768: 3.0}
 
 
+def log_log_panels(fig: go.Figure, x_title: str, y_titles: Sequence[str], title: str) -> go.Figure:
+    """Style a 1 x len(y_titles) subplot figure: log axes, one x title, a y title per panel, the common size."""
+    for col, y_title in enumerate(y_titles, start=1):
+        fig.update_xaxes(type="log", title_text=x_title, row=1, col=col)
+        fig.update_yaxes(type="log", title_text=y_title, row=1, col=col)
+    return fig.update_layout(height=420, width=1000, title=title)
+
+
 def cost_model_figure(seq_lens: Sequence[int], ratios: Sequence[float] = (0.25, 0.125), sink: int = 16,
                       lag: int = 128, shapes: dict | None = None) -> go.Figure:
     """Attention FLOPs per layer (forward+backward, batch 1) and KV-cache bytes (all layers, bf16) against N.
@@ -41,13 +49,7 @@ def cost_model_figure(seq_lens: Sequence[int], ratios: Sequence[float] = (0.25, 
                                          for t in tiles], name=f"LRSA r={ratio}: kernel tiles", line=dict(dash="dot")), 1, 1)
         fig.add_trace(go.Scatter(x=n, y=[kv_cache_bytes(x, layers, hkv, d, config=cfg) for x in n],
                                  name=f"LagKV cache r={ratio}"), 1, 2)
-    for col in (1, 2):
-        fig.update_xaxes(type="log", title_text="tokens N", row=1, col=col)
-        fig.update_yaxes(type="log", row=1, col=col)
-    fig.update_yaxes(title_text="FLOPs", row=1, col=1)
-    fig.update_yaxes(title_text="bytes", row=1, col=2)
-    fig.update_layout(height=420, width=1000, title="Cost model: dense causal attention vs LRSA")
-    return fig
+    return log_log_panels(fig, "tokens N", ["FLOPs", "bytes"], "Cost model: dense causal attention vs LRSA")
 
 
 def kept_fraction_figure(seq_lens: Sequence[int], ratios: Sequence[float] = (0.25, 0.125), sink: int = 16,

@@ -12,6 +12,7 @@ from plotly.subplots import make_subplots
 
 from ..config import LagConfig
 from .cost import H200_BANDWIDTH, SMOLLM2_135M, kv_cache_bytes
+from .figures import log_log_panels
 GIB = 2 ** 30
 
 
@@ -42,13 +43,8 @@ def decode_cost_figure(context_lens: Sequence[int], config: LagConfig | None = N
         fig.add_trace(go.Scatter(x=n, y=[budget_bytes // kv_cache_bytes(x, config=c, **kv) for x in n], name=name,
                                  line=dict(color=color), showlegend=False), 1, 2)
     fig.add_trace(go.Scatter(x=n, y=[weights] * len(n), name="weights alone", line=dict(color="grey", dash="dot")), 1, 1)
-    for col in (1, 2):
-        fig.update_xaxes(type="log", title_text="context length (tokens)", row=1, col=col)
-        fig.update_yaxes(type="log", row=1, col=col)
-    fig.update_yaxes(title_text="bytes per step", row=1, col=1)
-    fig.update_yaxes(title_text="sequences", row=1, col=2)
-    fig.update_layout(height=420, width=1000, title="Why a smaller cache decodes faster and fits more sequences (model)")
-    return fig
+    return log_log_panels(fig, "context length (tokens)", ["bytes per step", "sequences"],
+                          "Why a smaller cache decodes faster and fits more sequences (model)")
 
 
 def inference_rows(result: dict) -> list[dict]:
@@ -83,11 +79,6 @@ def measured_decode_figure(result: dict) -> go.Figure:
         pts = sorted({(r["prompt_len"], r["bytes_per_sequence"]) for r in rows if r["mode"] == mode})
         fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers", name=mode,
                                  line=dict(dash="dot"), showlegend=False), 1, 2)
-    for col in (1, 2):
-        fig.update_xaxes(type="log", title_text="prompt length (tokens)", row=1, col=col)
-        fig.update_yaxes(type="log", row=1, col=col)
-    fig.update_yaxes(title_text="generated tokens/s (all sequences)", row=1, col=1)
-    fig.update_yaxes(title_text="bytes per sequence", row=1, col=2)
-    fig.update_layout(height=420, width=1000, title=f"Decoding measured on {result.get('gpu', '?')}, torch "
-                                                    f"{result.get('environment', {}).get('torch', '?')}")
-    return fig
+    return log_log_panels(fig, "prompt length (tokens)", ["generated tokens/s (all sequences)", "bytes per sequence"],
+                          f"Decoding measured on {result.get('gpu', '?')}, torch "
+                          f"{result.get('environment', {}).get('torch', '?')}")
