@@ -101,6 +101,14 @@ def run_part(part: str, gpu: int, workdir: Path, workers: int, threads: int, dea
             "tests": None if timed_out else junit_summary(junit), "output_tail": output[-4000:]}
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (``taskset`` / cgroup affinity), not all the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity on this OS
+        return os.cpu_count() or 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="?", default="data/results", help="directory for gpu_check.json / .log")
@@ -121,10 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     parts = args.parts or ["units"] + sorted(str(p.relative_to(ROOT)) for p in (ROOT / "notebooks").glob("*.ipynb"))
     parts.sort(key=lambda p: -EXPECTED_MIN.get(p, 3))
     slots = [g for g in range(torch.cuda.device_count()) for _ in range(max(1, args.jobs_per_gpu))]
-    workers = max(1, min(8, (os.cpu_count() or 2) // (2 * len(slots))))
+    cores = usable_cores()
+    workers = max(1, min(8, cores // (2 * len(slots))))
     # parts side by side share the CPU cores: each gets its share of threads (16 threads per part on 16 cores,
     # 5 parts at once, ran 3-4x slower than the parts alone: measured on an H200 host, 2026-11-29)
-    threads_per_part = max(1, (os.cpu_count() or 1) // len(slots))
+    threads_per_part = max(1, cores // len(slots))
     deadline = None if args.time_limit is None else time.time() + args.time_limit
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)

