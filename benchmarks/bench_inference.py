@@ -48,7 +48,7 @@ import torch
 
 from lrsa_viz import LagConfig, environment_record
 from lrsa_viz.fast.cost import H200_BANDWIDTH, SMOLLM2_CONFIG
-from lrsa_viz.fast.decode import KERNELS, buffer_attention, slot_mask
+from lrsa_viz.fast.decode import DEFAULT_KERNEL, KERNELS, buffer_attention, slot_mask
 from lrsa_viz.static_cache import StaticLagKVCache, stored_length
 from lrsa_viz.static_generate import (compiled_decode_step, decode_step, disable_static_lagkv, enable_static_lagkv,
                                       greedy_decode)
@@ -379,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--modes", default="full_cache_sdpa," + LAGKV,
                     help=f"of {','.join(MODES)} (full_cache_buffer: the full cache with LagKV's decode kernel, the "
                          "like-for-like comparison; off by default to keep the run short (an estimate: each mode compiles)")
-    ap.add_argument("--kernel", default="sdpa_folded", choices=KERNELS, help="buffer-attention kernel")
+    ap.add_argument("--kernel", default=DEFAULT_KERNEL, choices=KERNELS, help="buffer-attention kernel")
     ap.add_argument("--kernel-bench", type=int, default=1, help="also time each kernel alone (1/0)")
     ap.add_argument("--backend", default="auto", choices=("auto", "flex", "reference"), help="LRSA prefill backend")
     ap.add_argument("--compile", default="auto", choices=("auto", "force", "off"),

@@ -244,7 +244,9 @@ def lrsa_timing(q, k, v, grad_out, cfg, fastest, **options) -> dict:
     return t
 
 
-def bench_attention(seq_lens, ratios, tokens, peak, kernels) -> list[dict]:
+def bench_attention(seq_lens, ratios, tokens, peak, kernels, on_row=None) -> list[dict]:
+    """One row per N (dense kernels, LRSA per ratio and kernel). ``on_row(rows)`` after each N: the caller saves
+    the rows so far, so that a run stopped by a time limit keeps the lengths it finished."""
     rows = []
     for n in seq_lens:
         batch = max(1, tokens // n)
@@ -286,6 +288,8 @@ def bench_attention(seq_lens, ratios, tokens, peak, kernels) -> list[dict]:
                 + "".join(f" | {kk}: {p} {v2['speedup_vs_fastest_dense'][p]:.2f}x" for kk, v2 in row["lrsa_kernels"].items()
                           if kk != kernels[0] and ratio == ratios[0] for p in RUN["passes"]))
         rows.append(row)
+        if on_row is not None:
+            on_row(rows)
         del q, k, v, grad_out
         empty_cache()
     return rows
@@ -622,6 +626,10 @@ def main(argv=None) -> int:
         result["wall_s"] = time.perf_counter() - t_begin
         out_path.write_text(json.dumps(result, indent=1))
 
+    def save_section(name: str, rows: list[dict]) -> None:  # a section's rows so far (the section may be cut)
+        result[name] = list(rows)
+        save()
+
     peak = measured_matmul_rate()
     result["matmul_bf16_tflops"] = peak / 1e12
     log(f"{result['gpu']}, torch {torch.__version__}, matmul {peak / 1e12:.0f} TFLOP/s, kernels {kernels} "
@@ -630,7 +638,7 @@ def main(argv=None) -> int:
     steps = {
         "correctness": lambda: check_all(ratios, kernels, args.check_n),
         "attention": lambda: bench_attention([int(s) for s in args.seq_lens.split(",")], ratios, args.tokens, peak,
-                                             kernels),
+                                             kernels, on_row=lambda rows: save_section("attention", rows)),
         "variants": lambda: bench_variants([int(s) for s in args.variant_lens.split(",")], args.tokens, first, kernels),
         "profile": lambda: [profile_fast(n, args.tokens, first, kernels[0]) for n in (8192, 32768)],
         "profile_training": lambda: profile_training(8192, 4, first, kernels[0]),
@@ -646,7 +654,11 @@ def main(argv=None) -> int:
         try:
             result[name] = steps[name]()
         except Exception as e:
-            result[name] = {"error": repr(e)[:1000], "traceback": traceback.format_exc()[-3000:]}
+            error = {"error": repr(e)[:1000], "traceback": traceback.format_exc()[-3000:]}
+            if isinstance(result.get(name), list) and result[name]:  # rows saved before the failure are kept
+                result.setdefault("section_errors", {})[name] = error
+            else:
+                result[name] = error
             log(traceback.format_exc())
         result.setdefault("section_wall_s", {})[name] = time.perf_counter() - t0
         save()

@@ -8,7 +8,7 @@ version, the command) and RESULTS_DIR/gpu_check.log (the last lines of every par
 part failed. Parts run longest first, ``--jobs-per-gpu`` at a time on each GPU, each with its share of the CPU
 threads (unit tests use pytest-xdist workers when pytest-xdist is installed). ``--parts units
 notebooks/01_lagkv_step_by_step.ipynb ...`` runs a subset; ``--time-limit S`` stops what still runs after S seconds
-and records it as timed out, with the end of its verbose output (which test or cell it was in).
+and records it as timed out, with its verbose output so far (which test or cell it was in).
 """
 from __future__ import annotations
 
@@ -66,20 +66,22 @@ def junit_summary(path: Path) -> dict:
     if not path.exists():
         return {"error": "no junit report"}
     counts = {"passed": 0, "failed": 0, "skipped": 0}
-    cuda = {}
+    cuda, failures = {}, {}
     for case in ET.parse(path).getroot().iter("testcase"):
-        outcome = "failed" if case.find("failure") is not None or case.find("error") is not None else (
-            "skipped" if case.find("skipped") is not None else "passed")
+        problem = case.find("failure") if case.find("failure") is not None else case.find("error")
+        outcome = "failed" if problem is not None else ("skipped" if case.find("skipped") is not None else "passed")
         counts[outcome] += 1
         name = f"{case.get('classname')}::{case.get('name')}"
         if "cuda" in name.lower():
             cuda[name] = outcome
-    return {**counts, "cuda_tests": cuda}
+        if problem is not None:  # the assertion message and the end of the traceback: the numbers of a failure
+            failures[name] = ((problem.get("message") or "")[:1000] + "\n" + (problem.text or "")[-2000:]).strip()
+    return {**counts, "cuda_tests": cuda, "failures": failures}
 
 
 def run_part(part: str, gpu: int, workdir: Path, workers: int, threads: int, deadline: float | None) -> dict:
     """Run one part on GPU ``gpu`` with ``threads`` CPU threads; stop it at ``deadline`` (unix time) if it is still
-    running then (recorded as ``timed_out`` with the end of its output)."""
+    running then (recorded as ``timed_out`` with its output so far)."""
     junit = workdir / (part.replace("/", "_") + ".xml")
     per_process = max(1, threads // workers) if uses_xdist(part, workers) else threads  # xdist workers share them
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu), "LRSA_VIZ_PROFILE": "full", "TQDM_DISABLE": "1",
@@ -98,7 +100,7 @@ def run_part(part: str, gpu: int, workdir: Path, workers: int, threads: int, dea
     wall = time.time() - start
     return {"part": part, "gpu": gpu, "passed": proc.returncode == 0 and not timed_out, "returncode": proc.returncode,
             "timed_out": timed_out, "wall_s": round(wall, 1), "threads": threads,
-            "tests": None if timed_out else junit_summary(junit), "output_tail": output[-4000:]}
+            "tests": None if timed_out else junit_summary(junit), "output": output}
 
 
 def usable_cores() -> int:
@@ -177,11 +179,11 @@ def main(argv: list[str] | None = None) -> int:
             "timed_out": [r["part"] for r in done if r["timed_out"]],
             "wall_s": round(time.time() - start, 1), "jobs_per_gpu": max(1, args.jobs_per_gpu),
             "threads_per_part": threads_per_part, "time_limit_s": args.time_limit,
-            "parts": [{k: v for k, v in r.items() if k != "output_tail"} for r in done],
+            "parts": [{k: v for k, v in r.items() if k != "output"} for r in done],
         }
         (out / "gpu_check.json").write_text(json.dumps(record, indent=1) + "\n")
         (out / "gpu_check.log").write_text("".join(
-            f"==== {r['part']} (gpu {r['gpu']}, {r['wall_s']} s, {outcome(r)})\n{r['output_tail']}\n"
+            f"==== {r['part']} (gpu {r['gpu']}, {r['wall_s']} s, {outcome(r)})\n{r['output']}\n"
             for r in done))
         return record
 

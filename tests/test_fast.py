@@ -651,6 +651,20 @@ def test_benchmark_smoke_run(tmp_path):
     assert train["dense_sdpa"]["tokens_per_s"] > 0 and train["lrsa_reference"]["tokens_per_s"] > 0
     assert bench.main(["--smoke", "--out", str(out), "--sections", "attention,nonsense"]) == 2
 
+    # a section that breaks (or is killed) after its first length keeps that length's row on disk
+    real_timing = bench.lrsa_timing
+
+    def timing_failing_at_640(q, *args, **kwargs):
+        if q.shape[2] == 640:
+            raise RuntimeError("stopped at n=640")
+        return real_timing(q, *args, **kwargs)
+
+    bench.lrsa_timing = timing_failing_at_640
+    assert bench.main(["--smoke", "--out", str(out), "--sections", "attention", "--seq-lens", "512,640"]) == 0
+    result = json.loads(out.read_text())
+    assert [r["n"] for r in result["attention"]] == [512]
+    assert "stopped at n=640" in result["section_errors"]["attention"]["error"]
+
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error message")
 def test_live_benchmark_needs_cuda():

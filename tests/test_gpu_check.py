@@ -29,10 +29,12 @@ def test_gpu_check_refuses_without_cuda_and_reads_junit(tmp_path):
     gpu_check = import_gpu_check()
     xml = tmp_path / "r.xml"
     xml.write_text('<testsuites><testsuite><testcase classname="tests.test_fast" name="test_cuda_x"/>'
-                   '<testcase classname="t" name="b"><failure/></testcase>'
+                   '<testcase classname="t" name="b"><failure message="assert 3 &lt; 2">Traceback ... line 9</failure>'
+                   '</testcase>'
                    '<testcase classname="t" name="c"><skipped/></testcase></testsuite></testsuites>')
     assert gpu_check.junit_summary(xml) == {"passed": 1, "failed": 1, "skipped": 1,
-                                            "cuda_tests": {"tests.test_fast::test_cuda_x": "passed"}}
+                                            "cuda_tests": {"tests.test_fast::test_cuda_x": "passed"},
+                                            "failures": {"t::b": "assert 3 < 2\nTraceback ... line 9"}}
 
 
 def test_a_part_past_the_time_limit_is_stopped_and_recorded(tmp_path, monkeypatch):
@@ -42,10 +44,10 @@ def test_a_part_past_the_time_limit_is_stopped_and_recorded(tmp_path, monkeypatc
     t0 = time.time()
     slow = gpu_check.run_part("60", 0, tmp_path, 1, threads=3, deadline=time.time() + 2)
     assert time.time() - t0 < 30, "stopped at the deadline, not after the part's 60 s"
-    assert slow["timed_out"] and not slow["passed"] and "threads 3" in slow["output_tail"]
+    assert slow["timed_out"] and not slow["passed"] and "threads 3" in slow["output"]
     assert gpu_check.outcome(slow) == "TIMED OUT"
     quick = gpu_check.run_part("0", 0, tmp_path, 1, threads=2, deadline=time.time() + 60)
-    assert quick["passed"] and not quick["timed_out"] and "threads 2" in quick["output_tail"]
+    assert quick["passed"] and not quick["timed_out"] and "threads 2" in quick["output"]
     assert quick["threads"] == 2 and gpu_check.outcome(quick) == "PASS"
 
 
@@ -62,7 +64,7 @@ def test_main_schedules_parts_with_their_thread_share_and_records_booleans(tmp_p
     monkeypatch.setattr(gpu_check.subprocess, "run", lambda *a, **k: None)  # no model conversion
     script = ("import os, sys; print('threads', os.environ['OMP_NUM_THREADS']); "
               "open(sys.argv[2], 'w').write('<testsuites><testsuite><testcase classname=\"t\" name=\"a\"/>'"
-              " + ('<testcase classname=\"t\" name=\"b\"><failure/></testcase>' if sys.argv[1] == 'bad' else '')"
+              " + ('<testcase classname=\"t\" name=\"b\"><failure message=\"err 0.03 > 0.02\"/></testcase>' if sys.argv[1] == 'bad' else '')"
               " + '</testsuite></testsuites>'); sys.exit(sys.argv[1] == 'bad')")
     monkeypatch.setattr(gpu_check, "part_command",
                         lambda part, junit, workers: [sys.executable, "-c", script, part, str(junit)])
@@ -74,4 +76,5 @@ def test_main_schedules_parts_with_their_thread_share_and_records_booleans(tmp_p
     parts = {p["part"]: p for p in record["parts"]}
     assert parts["good"]["passed"] is True and parts["bad"]["passed"] is False
     assert parts["bad"]["tests"]["passed"] == 1 and parts["bad"]["tests"]["failed"] == 1
+    assert parts["bad"]["tests"]["failures"] == {"t::b": "err 0.03 > 0.02"}, "a failure's message is recorded"
     assert f"threads {share}" in (tmp_path / "gpu_check.log").read_text()

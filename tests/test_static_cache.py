@@ -260,10 +260,10 @@ def test_enable_disable_restores(model):
     assert lrsa_config_of(model) == LagConfig(2, 8, 0.5)
     disable_lrsa(model)
     assert model.config._attn_implementation == "sdpa"
-    enable_static_lagkv(model, cfg, kernel="matmul")
+    enable_static_lagkv(model, cfg, kernel="sdpa_repeat")
     with static_lagkv(model, cfg):  # what static_prefill does inside: the user's static state comes back whole
-        assert model.config.lagkv_decode_kernel == DEFAULT_KERNEL != "matmul"
-    assert model.config._attn_implementation == STATIC_LAGKV and model.config.lagkv_decode_kernel == "matmul"
+        assert model.config.lagkv_decode_kernel == DEFAULT_KERNEL != "sdpa_repeat"
+    assert model.config._attn_implementation == STATIC_LAGKV and model.config.lagkv_decode_kernel == "sdpa_repeat"
     assert LagConfig.from_dict(model.config.lrsa) == cfg, "the prefill's LRSA config (model.config.lrsa) too"
     disable_static_lagkv(model)
     assert model.config._attn_implementation == "sdpa" and not hasattr(model.config, "lagkv_decode_kernel")
@@ -350,14 +350,16 @@ def test_inference_benchmark_smoke(tmp_path):
 
 # ----------------------------------------------------------------------------------------------------- CUDA
 @CUDA
-def test_cuda_compiled_graphs_equal_eager_and_teaching():
-    """On a GPU, float32: CUDA-graph decoding (inductor, reduce-overhead) = eager = the teaching path."""
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_cuda_compiled_graphs_equal_eager_and_teaching(kernel):
+    """On a GPU, float32, each decode kernel: CUDA-graph decoding (inductor, reduce-overhead) = eager = the teaching
+    path."""
     m = tiny_model(seed=0).cuda()
     m.generation_config.eos_token_id = None
     cfg = LagConfig(4, 16, 0.25)
     ids = torch.randint(0, 256, (2, 90), generator=torch.Generator().manual_seed(3)).cuda()
-    eager = static_generate(m, ids, cfg, 70, compile=False)
-    compiled = static_generate(m, ids, cfg, 70, compile=True)
+    eager = static_generate(m, ids, cfg, 70, compile=False, kernel=kernel)
+    compiled = static_generate(m, ids, cfg, 70, compile=True, kernel=kernel)
     teaching = compressed_generate(m, ids, cfg, max_new_tokens=70, do_sample=False)
     assert torch.equal(eager, compiled)
     assert torch.equal(eager, teaching)

@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 
 KERNELS = ("sdpa_repeat", "sdpa_folded", "matmul")
-#: The kernel used when none is named. NOT chosen by a committed measurement: benchmarks/bench_inference.py times all
-#: three (its "kernels" rows); an uncommitted H200 run of an earlier version found sdpa_folded the slowest at a 16k
-#: prompt and batch 1 (2.3 ms per 30-layer step vs 0.85 sdpa_repeat, 0.80 matmul). Re-measure before relying on it.
-DEFAULT_KERNEL = "sdpa_folded"
+#: The kernel used when none is named: the fastest of the three in the committed H200 measurement
+#: (data/results/bench_h200_x2/bench_inference_b1.json, "kernels": 30 layers' attention of one decode step, 16k
+#: prompt, batch 1, bf16, CUDA graph): over the LagKV buffer matmul 0.87 ms, sdpa_repeat 0.90, sdpa_folded 2.35; over
+#: the full cache 1.48, 2.14, 8.03. Larger batches were not timed kernel by kernel.
+DEFAULT_KERNEL = "matmul"
 
 
 def slot_mask(offset: int | torch.Tensor, q_length: int, kv_length: int, device: torch.device | str) -> torch.Tensor:
