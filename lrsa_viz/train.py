@@ -317,6 +317,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, comm
 
     ``command`` (the CLI line, if any) is recorded in ``run_info.json`` with the environment."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
     from safetensors.torch import save_model
     from transformers import get_cosine_schedule_with_warmup
@@ -329,6 +330,12 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, comm
     precision = config.precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() else "fp32"
+    # accelerate keeps ONE AcceleratorState per process and refuses an Accelerator with another mixed precision
+    # ("AcceleratorState has already been initialized and cannot be changed"), so a second train() in the same
+    # process (a notebook, a test session) with another precision would fail, e.g. an fp32 run then an "auto" (bf16
+    # on CUDA) one. Each run configures its own: reset it. The process group and the device live in PartialState,
+    # which stays (torchrun/DDP runs keep working).
+    AcceleratorState._reset_state(reset_partial_state=False)
     # cpu=True without CUDA: accelerate then runs several CPU processes (torchrun) as DDP over gloo
     # step_scheduler_with_optimizer=False: one schedule step per optimiser step, whatever the number of processes
     accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=not torch.cuda.is_available(),

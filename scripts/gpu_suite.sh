@@ -97,8 +97,9 @@ if [ "$GPUS" -gt 0 ]; then
             --worker "$g" --workers-total "$GPUS" --deadline "$DEADLINE" --margin "$MARGIN" &
         PIDS+=($!)
     done
-else
-    $PY -m lrsa_viz.tasks.suite worker --work "$WORK" --worker 0 --deadline "$DEADLINE" --margin "$MARGIN" &
+else  # GPUS=0: the CPU, also on a machine that has GPUs
+    CUDA_VISIBLE_DEVICES= $PY -m lrsa_viz.tasks.suite worker --work "$WORK" --worker 0 --deadline "$DEADLINE" \
+        --margin "$MARGIN" &
     PIDS+=($!)
 fi
 status=0

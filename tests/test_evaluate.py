@@ -9,13 +9,12 @@ import torch
 
 from lrsa_viz import LagConfig, LagKVCache, compressed_generate
 from lrsa_viz.evaluate import (Setting, budget_examples, contains_answer, default_settings, evaluate_model,
-                               exact_match, greedy_answers, greedy_answers_many, main, normalize_answer, parse_runs,
+                               exact_match, greedy_answers, greedy_answers_many, normalize_answer, parse_runs,
                                prose_loss, token_f1)
 from lrsa_viz.policies import RandomPolicy
 from lrsa_viz.qa_data import QAConfig, QAGenerator, write_jsonl
-from lrsa_viz.train import main as train_main
 
-from helpers import prompt_batch
+from helpers import cpu_env, prompt_batch, run_cpu
 
 LAG = LagConfig(sink_size=8, lag_size=32, ratio=0.25)
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,20 +150,27 @@ def test_parse_runs():
 
 
 def test_tiny_experiment_end_to_end(tmp_path, tok):
-    """Train both modes (LRSA interrupted and resumed), evaluate base + both: every row of the table is filled."""
+    """Train both modes (LRSA interrupted and resumed), evaluate base + both: every row of the table is filled.
+
+    The three commands run as `python -m ...` children with CUDA hidden (helpers.run_cpu): a CPU test on any
+    machine. In-process on a CUDA machine, training and evaluation would pick the GPU (bf16, flex, parallel
+    prefill) and the table would record the GPU, not the CPU this test is about."""
     gen = QAGenerator(tok, QAConfig(context_tokens=192, n_facts=3), seed=0)
     data = {s: str(write_jsonl(tmp_path / f"{s}.jsonl", gen.split(s, n))) for s, n in
             (("train", 8), ("dev", 4), ("test", 6))}
     common = ["--model", "tiny:0", "--train-data", data["train"], "--dev-data", data["dev"], "--out",
               str(tmp_path / "runs"), "--steps", "3", "--batch-size", "2", "--eval-every", "2", "--sink-size", "8",
               "--lag-size", "32", "--ratio", "0.25", "--precision", "fp32", "--no-progress"]
-    train_main(["--modes", "full", "lrsa", "--stop-after", "2"] + common)
+    run_cpu(["-m", "lrsa_viz.train", "--modes", "full", "lrsa", "--stop-after", "2"] + common)
     assert not (tmp_path / "runs" / "lrsa" / "model.safetensors").exists()
-    train_main(["--modes", "full", "lrsa", "--resume"] + common)
-    results = main(["--data", data["test"], "--base", "tiny:0", "--run", f"full={tmp_path / 'runs' / 'full'}",
-                    "--run", f"lrsa={tmp_path / 'runs' / 'lrsa'}", "--sink-size", "8", "--lag-size", "32",
-                    "--batch-size", "4", "--max-new-tokens", "6", "--seed", "3", "--out", str(tmp_path / "results"),
-                    "--name", "tiny", "--no-progress"])
+    run_cpu(["-m", "lrsa_viz.train", "--modes", "full", "lrsa", "--resume"] + common)
+    done = run_cpu(["-m", "lrsa_viz.evaluate", "--data", data["test"], "--base", "tiny:0",
+                    "--run", f"full={tmp_path / 'runs' / 'full'}", "--run", f"lrsa={tmp_path / 'runs' / 'lrsa'}",
+                    "--sink-size", "8", "--lag-size", "32", "--batch-size", "4", "--max-new-tokens", "6", "--seed", "3",
+                    "--out", str(tmp_path / "results"), "--name", "tiny", "--no-progress"])
+    assert f"json: {tmp_path / 'results' / 'tiny.json'}" in done.stderr
+    # what main() returned in the child is what it wrote (predictions included): the rows below are the file's
+    results = json.loads((tmp_path / "results" / "tiny.json").read_text())
     rows = results["rows"]
     assert [(r["model"], r["setting"], r["ratio"]) for r in rows] == [
         (m, s.name, s.ratio or 1.0) for m in ("base", "full", "lrsa") for s in default_settings()]
@@ -174,19 +180,20 @@ def test_tiny_experiment_end_to_end(tmp_path, tok):
             assert 0.0 <= r[k] <= 1.0
         assert 0 < r["kv_fraction"] <= 1 and r["seconds"] > 0
         assert (r["kv_fraction"] == 1.0) == (r["setting"] == "full")
+        assert r["prefill"] in ("exact", "chunks"), "the CPU reads chunked prompts chunk by chunk"
     assert results["command"].startswith("python -m lrsa_viz.evaluate --data")
     assert results["seed"] == 3 and results["environment"]["torch"] == torch.__version__
-    assert results["environment"]["device"] == "cpu"
+    assert results["environment"]["device"] == "cpu" and results["dtype"] == "float32"
     assert results["runs"]["lrsa"]["train_config"]["mode"] == "lrsa"
     assert results["runs"]["lrsa"]["resumed_at_step"] == 2
+    assert results["runs"]["lrsa"]["precision"] == "fp32" and results["runs"]["lrsa"]["processes"] == 1
     table = list(csv.DictReader((tmp_path / "results" / "tiny.csv").open()))
     assert len(table) == len(rows) == 39
     assert all(v != "" for row in table for v in row.values())
     assert table[0]["command"] == results["command"] and table[0]["torch"] == torch.__version__
+    assert table[0]["device"] == "cpu"
     curves = list(csv.DictReader((tmp_path / "results" / "tiny_curves.csv").open()))
     assert [(c["run"], int(c["step"])) for c in curves] == [(m, s) for m in ("full", "lrsa") for s in (1, 2, 3)]
-    assert json.loads((tmp_path / "results" / "tiny.json").read_text())["rows"][0]["predictions"] == \
-        rows[0]["predictions"]
 
 
 def test_train_and_evaluate_do_not_need_plotly():
@@ -199,12 +206,11 @@ def test_train_and_evaluate_do_not_need_plotly():
 
 def test_gpu_script_runs_end_to_end_on_cpu(tmp_path, examples):
     """scripts/gpu_finetune.sh with the tiny model and minimal sizes: every flag it passes is accepted, and it
-    writes the table, the curves and the log."""
-    import os
+    writes the table, the curves and the log. CUDA hidden (cpu_env): the CPU run on any machine."""
     import subprocess
     import sys
     short = str(write_jsonl(tmp_path / "short.jsonl", examples[:2]))  # 192-token documents: a fast evaluation
-    env = {**os.environ, "PYTHON": sys.executable, "MODEL": "tiny:0", "TRAIN_N": "4", "STEPS": "2", "BATCH": "2",
+    env = {**cpu_env(), "PYTHON": sys.executable, "MODEL": "tiny:0", "TRAIN_N": "4", "STEPS": "2", "BATCH": "2",
            "MICRO": "1", "CONTEXT": "256", "EVAL_EVERY": "1", "EVAL_BATCH": "2", "WORKERS": "1", "SINK": "8",
            "LAG": "32", "DEV_DATA": short, "TEST_DATA": short, "TEST_LIMIT": "2", "LRSA_BACKEND": "auto",
            "LRSA_VIZ_WORK": str(tmp_path / "work"), "TQDM_DISABLE": "1"}

@@ -3,7 +3,6 @@ stopped by its time limit, a second call that resumes and completes, and the res
 import csv
 import gzip
 import json
-import os
 import re
 import subprocess
 import sys
@@ -13,6 +12,8 @@ import pytest
 
 from lrsa_viz.tasks.suite import SuiteConfig, Work, affinity, gpu_jobs, init_work, summarise, tier_settings
 
+from helpers import cpu_env
+
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = {"MODEL": "tiny:0", "SEEDS": "0 1", "TASKS": "multi_key variable_tracking", "PRIORITY_TASKS": "1",
          "CONTEXTS": "400", "TRAIN_PER_CELL": "2", "DEV_PER_CELL": "1", "TEST_N": "3", "STEPS": "3", "BATCH": "2",
@@ -21,8 +22,10 @@ SMOKE = {"MODEL": "tiny:0", "SEEDS": "0 1", "TASKS": "multi_key variable_trackin
 
 
 def run_script(tmp_path, **env):
+    # CUDA hidden (helpers.cpu_env): GPUS=0 alone still lets the script's worker and collector see a GPU, which
+    # would then train and evaluate on it (bf16, flex) and record it as the device of a run this test made on CPU
     return subprocess.run(["bash", "scripts/gpu_suite.sh", str(tmp_path / "out")], cwd=ROOT, capture_output=True,
-                          text=True, timeout=1200, env={**os.environ, "PYTHON": sys.executable, **SMOKE,
+                          text=True, timeout=1200, env={**cpu_env(), "PYTHON": sys.executable, **SMOKE,
                                                         "LRSA_VIZ_WORK": str(tmp_path / "work"), **env})
 
 

@@ -15,6 +15,8 @@ from lrsa_viz.train import (DEV_PAD_MULTIPLE, TrainConfig, answer_loss_sums, ans
                             check_attention, divisor_at_most, length_bucket, load_run, load_source, main, step_indices,
                             train)
 
+from helpers import run_cpu
+
 LAG = LagConfig(sink_size=8, lag_size=32, ratio=0.25)
 
 
@@ -241,13 +243,30 @@ def test_cli_trains_both_modes(data, tmp_path):
     assert (tmp_path / "lrsa" / "lag_config.json").exists() and not (tmp_path / "full" / "lag_config.json").exists()
 
 
+def test_runs_of_other_precisions_in_one_process(data, tmp_path):
+    """accelerate keeps one AcceleratorState per process; train() must not inherit an earlier run's precision
+    (an fp32 run then an "auto" one, bf16 on CUDA, failed with "AcceleratorState has already been initialized").
+    And nothing of a bf16 run leaks into the next fp32 run: it repeats the first one."""
+    kw = dict(mode="full", steps=1, batch_size=2, micro_batch_size=2, eval_every=0, dev_data=None)
+    first = train(make_config(data, tmp_path / "fp32", **kw), progress=False)
+    train(make_config(data, tmp_path / "bf16", **kw, precision="bf16"), progress=False)
+    again = train(make_config(data, tmp_path / "fp32_again", **kw), progress=False)
+    for name, precision in (("fp32", "fp32"), ("bf16", "bf16"), ("fp32_again", "fp32")):
+        assert json.loads((tmp_path / name / "run_info.json").read_text())["precision"] == precision
+    # equal on CPU; approx because on CUDA (this test runs in-process there) some backward kernels add atomically.
+    # bf16 autocast changes the loss of such a step by ~3e-4 relative (measured on CPU): a leak would show.
+    assert [(r["train_loss"], r["grad_norm"]) for r in again] == \
+        [(pytest.approx(r["train_loss"], rel=1e-5), pytest.approx(r["grad_norm"], rel=1e-5)) for r in first]
+
+
 def test_two_processes_ddp_equal_one_process(data, tmp_path):
     """torchrun with 2 CPU processes (DDP over gloo, through accelerate): each takes half of every global batch,
-    and the losses, learning rates and gradient norms equal those of one process."""
+    and the losses, learning rates and gradient norms equal those of one process.
+
+    Both runs are children with CUDA hidden (helpers.run_cpu): with a GPU visible, accelerate would pick NCCL and
+    put both processes on cuda:0 (NCCL refuses: duplicate GPU), and an in-process one-process run would train on
+    the GPU with another LRSA backend, not the CPU run this test compares with."""
     import socket
-    import subprocess
-    import sys
-    from pathlib import Path
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -256,14 +275,13 @@ def test_two_processes_ddp_equal_one_process(data, tmp_path):
             "--steps", "3", "--batch-size", "4", "--micro-batch-size", "1", "--lr", "3e-3", "--warmup-steps", "1",
             "--eval-every", "2", "--sink-size", "8", "--lag-size", "32", "--ratio", "0.25", "--precision", "fp32",
             "--no-progress"]
-    root = Path(__file__).resolve().parents[1]
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                    str(port), "-m", "lrsa_viz.train", "--out", str(tmp_path / "two")] + args, check=True, cwd=root,
-                   capture_output=True)
-    main(["--out", str(tmp_path / "one")] + args)
+    run_cpu(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), "-m",
+             "lrsa_viz.train", "--out", str(tmp_path / "two")] + args)
+    run_cpu(["-m", "lrsa_viz.train", "--out", str(tmp_path / "one")] + args)
     two = list(csv.DictReader((tmp_path / "two" / "lrsa" / "loss_curve.csv").open()))
     one = list(csv.DictReader((tmp_path / "one" / "lrsa" / "loss_curve.csv").open()))
     assert json.loads((tmp_path / "two" / "lrsa" / "run_info.json").read_text())["processes"] == 2
+    assert json.loads((tmp_path / "one" / "lrsa" / "run_info.json").read_text())["processes"] == 1
     assert len(one) == len(two) == 3
     for a, b in zip(one, two):
         for key in ("train_loss", "grad_norm"):
