@@ -11,6 +11,9 @@ Settings (each a row of the results table, per model):
   that pass selected, decoding over it (``chunked_prefill="parallel"``, the default on CUDA): by METHOD §3 it equals
   chunk-by-chunk prefill given the same selections, so the greedy tokens agree up to near-ties of the nearly flat
   scores (equal on CPU in float32, tested). The baselines have no parallel form: they always go chunk by chunk.
+  On CUDA that pass runs compiled static-shape kernels, so each batch is padded to a power of two of rows
+  (`parallel_batch_rows`; copies of its last prompt, dropped after): a few shapes compile once for every seed, task
+  and model, instead of again for the data-dependent batch sizes of every test file.
 - ``<policy>/one_shot`` at ratio r: an exact prefill of the chat header + document, compressed once
   (``LagKVCache(mode="one_shot")``); the question and the answer are appended uncompressed.
 Policies: ``lagkv``; the same-budget baselines ``streaming`` (StreamingLLM: sink + most recent), ``random`` and
@@ -51,6 +54,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from .checks import check_int
+from .attention import resolve_backend
 from .cache import LagKVCache
 from .cli import add_debug_flag, run_cli
 from .config import LagConfig
@@ -236,25 +240,47 @@ def _greedy_decode(model, logits: torch.Tensor, cache, max_new_tokens: int, eos_
     return torch.stack(out, dim=1)
 
 
+def parallel_batch_rows(rows: int, device: torch.device | str, max_rows: int | None = None) -> int:
+    """Rows the parallel prefill of a batch of ``rows`` prompts on ``device`` runs with.
+
+    Where it runs compiled static-shape kernels (the flex LRSA backend: CUDA), the next power of two, at most
+    ``max_rows`` (the evaluation's batch size, its memory budget) and at least ``rows``: every kernel compiles once
+    per (rows, block count, LagConfig), so batch sizes that depend on the data (how many prompts share a length, the
+    last batch of a group) would compile again for every new test file; with power-of-two rows all seeds, tasks and
+    models share a few shapes. Elsewhere (the reference backend, nothing compiled): ``rows``.
+    """
+    check_int("rows", rows, 1)
+    if resolve_backend("auto", device) != "flex":
+        return rows
+    padded = 1 << (rows - 1).bit_length()
+    return max(rows, min(padded, max_rows)) if max_rows is not None else padded
+
+
 def _parallel_answers(model, input_ids: torch.Tensor, config: LagConfig, max_new_tokens: int,
-                      eos_token_id: int) -> tuple[torch.Tensor, float]:
+                      eos_token_id: int, max_rows: int | None = None) -> tuple[torch.Tensor, float]:
     """``lagkv/chunked`` through one parallel LRSA forward: the prompt [B, N] into a `StaticLagKVCache` sized for
     N + max_new_tokens (`static_prefill`), then `_greedy_decode` over it with the static attention implementation
     (`static_lagkv`, which compresses every L tokens in place). Returns (tokens [B, T], kv_fraction) like
-    `greedy_answers`; the model's attention implementation is left as it was."""
-    n = input_ids.shape[1]
-    logits, cache = static_prefill(model, input_ids, config, max_cache_len=n + max_new_tokens)  # logits [B, 1, V]
+    `greedy_answers`; the model's attention implementation is left as it was.
+
+    On CUDA the batch is padded to `parallel_batch_rows` rows with copies of its last prompt (each row is read and
+    decoded on its own; the copies' tokens are dropped), so the compiled kernels see few batch shapes."""
+    b, n = input_ids.shape
+    rows = parallel_batch_rows(b, input_ids.device, max_rows)
+    if rows > b:
+        input_ids = torch.cat([input_ids, input_ids[-1:].expand(rows - b, -1)])
+    logits, cache = static_prefill(model, input_ids, config, max_cache_len=n + max_new_tokens)  # logits [rows, 1, V]
     kv_fraction = _kv_fraction(cache, n)
     with static_lagkv(model, config):
         tokens = _greedy_decode(model, logits[:, -1], cache, max_new_tokens, eos_token_id)
     cache.check_overflow()
-    return tokens, kv_fraction
+    return tokens[:b], kv_fraction
 
 
 @torch.no_grad()
 def greedy_answers(model, input_ids: torch.Tensor, context_end: int, setting: Setting, lag: LagConfig,
                    max_new_tokens: int, eos_token_id: int, seed: int = 0,
-                   chunked_prefill: str = "auto") -> tuple[torch.Tensor, float]:
+                   chunked_prefill: str = "auto", max_rows: int | None = None) -> tuple[torch.Tensor, float]:
     """Greedy decoding of an unpadded batch of prompts under one cache setting.
 
     Args:
@@ -265,13 +291,16 @@ def greedy_answers(model, input_ids: torch.Tensor, context_end: int, setting: Se
             chunk through a `LagKVCache`), ``"parallel"`` (one parallel LRSA forward into a `StaticLagKVCache`;
             needs a model family LRSA supports) or ``"auto"`` (parallel when ``input_ids`` is on CUDA). Other
             policies' chunked settings always go chunk by chunk (`prefill_of`).
+        max_rows: the most rows a batch of this evaluation has; a parallel prefill on CUDA pads the batch to a
+            power of two of rows, never past this (`parallel_batch_rows`). None: no limit.
     Returns:
         (new tokens [B, T] with T <= max_new_tokens, eos_token_id after a row's end; kv_fraction = stored / seen
         tokens averaged over layers once the prompt is read).
     """
     _check_greedy_inputs(input_ids, max_new_tokens)
     if prefill_of(setting, chunked_prefill, input_ids.device) == "parallel":
-        return _parallel_answers(model, input_ids, setting_config(setting, lag), max_new_tokens, eos_token_id)
+        return _parallel_answers(model, input_ids, setting_config(setting, lag), max_new_tokens, eos_token_id,
+                                 max_rows)
     cache = make_cache(setting, lag, seed)
     n = input_ids.shape[1]
     with _policy_context(model, cache):
@@ -285,8 +314,8 @@ def greedy_answers(model, input_ids: torch.Tensor, context_end: int, setting: Se
 @torch.no_grad()
 def greedy_answers_many(model, input_ids: torch.Tensor, context_end: int, settings: Sequence[Setting],
                         lag: LagConfig, max_new_tokens: int, eos_token_id: int, seed: int = 0,
-                        seconds: dict | None = None,
-                        chunked_prefill: str = "auto") -> dict[Setting, tuple[torch.Tensor, float]]:
+                        seconds: dict | None = None, chunked_prefill: str = "auto",
+                        max_rows: int | None = None) -> dict[Setting, tuple[torch.Tensor, float]]:
     """`greedy_answers` for several settings, with ONE exact prefill of the document shared by full KV and every
     one-shot setting (each gets a copy of its K/V, compressed once by its own policy); chunked settings run on their
     own, ``lagkv/chunked`` as ``chunked_prefill`` says (`greedy_answers`).
@@ -294,7 +323,7 @@ def greedy_answers_many(model, input_ids: torch.Tensor, context_end: int, settin
     Returns:
         {setting: (tokens [B, T], kv_fraction)}, token for token what `greedy_answers` returns (tested).
     ``seconds``: if given, the wall time of each setting is added to ``seconds[setting]`` (the shared prefill is
-    counted in the full-KV setting, or in the first one-shot setting without it).
+    counted in the full-KV setting, or in the first one-shot setting without it). ``max_rows``: see `greedy_answers`.
     """
     _check_greedy_inputs(input_ids, max_new_tokens)
     resolve_chunked_prefill(chunked_prefill, input_ids.device)  # bad values fail before any work
@@ -338,7 +367,7 @@ def greedy_answers_many(model, input_ids: torch.Tensor, context_end: int, settin
         if s not in out:
             t0 = time.perf_counter()
             out[s] = greedy_answers(model, input_ids, context_end, s, lag, max_new_tokens, eos_token_id, seed,
-                                    chunked_prefill)
+                                    chunked_prefill, max_rows)
             timed(s, t0)
     return out
 
@@ -396,7 +425,7 @@ def evaluate_model(model, tokenizer, examples: Sequence[dict], settings: Sequenc
         ids = torch.tensor([m[1] for m in members], device=device)
         answers = greedy_answers_many(model, ids, context_end, settings, lag, max_new_tokens,
                                       tokenizer.eos_token_id, seed=seed, seconds=seconds,
-                                      chunked_prefill=chunked_prefill)
+                                      chunked_prefill=chunked_prefill, max_rows=batch_size)
         for setting, (tokens, fraction) in answers.items():
             for (index, _), row_tokens in zip(members, tokens.tolist()):
                 predictions[setting][index] = decode_answer(tokenizer, row_tokens)

@@ -395,15 +395,26 @@ def one_shot_keep(keys: torch.Tensor, values: torch.Tensor, config: LagConfig, c
     """Positions one-shot LagKV compression keeps: `lrsa_viz.scoring.lagkv_keep_indices` [B, H_kv, eq. 12].
 
     ``compiled``: the same selection from `lrsa_viz.fast.compiled_compact_positions` (what the flex LRSA backend
-    attends with; sink + selections, then the last full partition and the remainder whole).
+    attends with; sink + selections, then the last full partition and the remainder whole), on K/V zero-padded to
+    whole blocks exactly as `lrsa_viz.fast.fast_lrsa_attention` pads them for its own selection: the SAME compiled
+    graph on the same inputs, so the static-shape kernel compiles once per block count (not once per prompt length
+    here and once more for the attention's padded length), and the cache keeps exactly what the prefill attended to.
+    Exact: partitions 0 .. P-2 and their references (<= P-1) are real tokens; the padded partitions are cut off.
     """
     n = keys.shape[-2]
-    if not compiled or config.num_partitions(n) < 2:
+    p = config.num_partitions(n)
+    if not compiled or p < 2:
         return lagkv_keep_indices(keys, values, config, check_finite=False)
-    from .fast import compiled_compact_positions
+    import torch.nn.functional as F
 
-    compact = compiled_compact_positions()(keys, values, config)  # [B, H, S + (P-1) k]
+    from .fast import DEFAULT_BLOCK_SIZE, compiled_compact_positions
+
+    width = -(-n // DEFAULT_BLOCK_SIZE) * DEFAULT_BLOCK_SIZE  # the fast path's layout length (LrsaLayout.seq_len)
+    if width != n:
+        keys, values = (F.pad(t, (0, 0, 0, width - n)) for t in (keys, values))
+    count = config.sink_size + (p - 1) * config.top_k
+    compact = compiled_compact_positions()(keys, values, config)[..., :count]  # [B, H, S + (P-1) k]
     b, h = compact.shape[:2]
-    start = config.sink_size + (config.num_partitions(n) - 1) * config.lag_size
+    start = config.sink_size + (p - 1) * config.lag_size
     tail = torch.arange(start, n, device=keys.device).expand(b, h, -1)
     return torch.cat([compact, tail], dim=-1)

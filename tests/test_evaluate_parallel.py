@@ -150,6 +150,110 @@ def test_other_chunked_policies_go_chunk_by_chunk(tiny_lm, tok, batch, monkeypat
     assert prefill_of(Setting("lagkv", "one_shot", 0.25), "parallel") == prefill_of(Setting(), "parallel") == "exact"
 
 
+# ------------------------------------------------------------------------------ compiled kernels: few shapes
+@pytest.fixture
+def cuda_paths_on_cpu(monkeypatch):
+    """The CUDA code path of the parallel prefill, on the CPU: "auto" resolves to the flex LRSA backend (so the
+    cache selects with the compiled selection and the batch is padded, `parallel_batch_rows`) and the fast path
+    calls its compiled kernels. ``torch.compile`` gets a counting backend (it runs the traced graph as is): returns
+    {compiled function name: compilations} (dynamo compiles once per new shape: dynamic=False)."""
+    import sys
+    from collections import Counter
+    import functools
+
+    import lrsa_viz.fast
+    import lrsa_viz.static_generate  # noqa: F401 - the module (the package exports a function of that name)
+
+    kernel, attention = sys.modules["lrsa_viz.fast.kernel"], sys.modules["lrsa_viz.attention"]
+    counts: Counter = Counter()
+    real_compile, real_resolve = torch.compile, attention.resolve_backend
+
+    def counting_compile(fn, **kwargs):
+        def backend(gm, example_inputs):
+            counts[fn.__name__] += 1
+            return gm.forward
+        kwargs.pop("mode", None)
+        return real_compile(fn, **{**kwargs, "backend": backend})
+
+    def resolve(backend, device):
+        return "flex" if (backend or "reference") == "auto" else real_resolve(backend, device)
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    for module in (attention, sys.modules["lrsa_viz.static_generate"], evaluate):
+        monkeypatch.setattr(module, "resolve_backend", resolve)
+    monkeypatch.setattr(lrsa_viz.fast, "fast_lrsa_attention", functools.partial(kernel.fast_lrsa_attention,
+                                                                                compiled=True))
+    caches = (kernel.compiled_flex_attention, kernel.compiled_compact_positions)
+    for f in caches:
+        f.cache_clear()
+    torch._dynamo.reset()
+    yield counts
+    for f in caches:  # nothing compiled with the counting backend outlives the test
+        f.cache_clear()
+    torch._dynamo.reset()
+
+
+def test_compiled_one_shot_selection_on_padded_blocks_equals_the_reference():
+    """The cache's compiled one-shot selection pads K/V to whole blocks (the fast path's own selection input): the
+    same kept positions as the reference selection, for lengths that are not a multiple of the block."""
+    from lrsa_viz.scoring import lagkv_keep_indices
+    from lrsa_viz.static_cache import one_shot_keep
+
+    cfg = LagConfig(4, 16, 0.25)
+    gen = torch.Generator().manual_seed(1)
+    k, v = torch.randn(2, 2, 151, 8, generator=gen), torch.randn(2, 2, 151, 8, generator=gen)
+    for n in (151, 140, 128, 37, 30):  # 37: two partitions (one scored); 30: one (the reference path)
+        kk, vv = k[:, :, :n], v[:, :, :n]
+        assert torch.equal(one_shot_keep(kk, vv, cfg, compiled=True), lagkv_keep_indices(kk, vv, cfg)), n
+
+
+def test_parallel_batch_rows():
+    """Powers of two on CUDA, never past the batch size (and never fewer than the rows); unchanged elsewhere."""
+    from lrsa_viz.evaluate import parallel_batch_rows
+
+    assert [parallel_batch_rows(b, "cuda", 201) for b in (1, 2, 3, 11, 17, 49, 50, 56, 64, 65, 130, 201)] == \
+        [1, 2, 4, 16, 32, 64, 64, 64, 64, 128, 201, 201]
+    assert parallel_batch_rows(5, "cuda") == 8 and parallel_batch_rows(5, "cuda", 4) == 5
+    assert parallel_batch_rows(50, "cpu", 201) == 50
+    with pytest.raises(ValueError, match="rows"):
+        parallel_batch_rows(0, "cuda")
+
+
+def test_compiled_kernels_compile_once_per_shape_bucket_whatever_the_model_object(tiny_lm, cuda_paths_on_cpu):
+    """What made the suite's base model slow on the H200 (lagkv/chunked rows 108-162 s per job vs 2.4-2.8 s for
+    the fine-tuned models on the same data): the compiled static-shape kernels of the parallel prefill (selection,
+    FlexAttention) compiled for every new (batch rows, prompt length, LagConfig), and the base model always ran
+    first on each seed's test file, whose groups of equal-length prompts have their own sizes (single_needle at
+    4000 tokens: 50 + 17 rows for seed 0, 56 + 11 for seed 1, 49 + 18 for seed 2). Nothing is cached per model
+    object. Now the cache's selection runs the attention's compiled graph (K/V padded to whole blocks) and batches
+    are padded to power-of-two rows: a second "seed" with other group sizes and lengths compiles nothing."""
+    counts = cuda_paths_on_cpu
+    cfg = LagConfig(4, 16, 0.25)
+    setting = Setting("lagkv", "chunked", cfg.ratio)
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, 256, (8, 150), generator=gen)
+
+    def run(model, rows, n):
+        ids = prompts[:rows, :n]
+        tokens, fraction = greedy_answers(model, ids, n - 5, setting, cfg, 4, -1, chunked_prefill="parallel",
+                                          max_rows=8)
+        assert tokens.shape == (rows, 4) and fraction == cfg.retained_length(n) / n
+        return tokens
+
+    first = {(rows, n): run(tiny_lm, rows, n) for rows, n in ((3, 150), (2, 149))}  # "seed 0": 3 + 2 rows
+    assert dict(counts) == {"compact_positions": 2, "flex_attention": 2}, "4 rows and 2 rows, one block count"
+    for (rows, n), tokens in first.items():  # the padding rows change nothing: the tokens of chunk by chunk
+        chunks, _ = greedy_answers(tiny_lm, prompts[:rows, :n], n - 5, setting, cfg, 4, -1, chunked_prefill="chunks")
+        assert tokens.tolist() == chunks.tolist()
+    other = load_source("tiny:0")[0]  # another model object (what load_run gives): nothing compiles again
+    assert other is not tiny_lm
+    assert all(run(other, rows, n).tolist() == tokens.tolist() for (rows, n), tokens in first.items())
+    for rows, n in ((4, 147), (2, 150), (3, 135)):  # "seed 1": other group sizes and lengths (135: one partition
+        run(tiny_lm, rows, n)                         # fewer), the same row buckets and block count
+    assert dict(counts) == {"compact_positions": 2, "flex_attention": 2}, "nothing compiled again"
+    assert tiny_lm.config._attn_implementation == "sdpa"
+
+
 # ------------------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("bad", ["Parallel", "chunk", "", None, 1])
 def test_bad_chunked_prefill_is_rejected(tiny_lm, tok, examples, batch, bad):
