@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from lrsa_viz import LagConfig, environment_record
+from lrsa_viz import LagConfig, cast_model, environment_record
 from lrsa_viz.fast.cost import H200_BANDWIDTH, SMOLLM2_CONFIG
 from lrsa_viz.fast.decode import DEFAULT_KERNEL, KERNELS, buffer_attention, slot_mask
 from lrsa_viz.static_cache import StaticLagKVCache, stored_length
@@ -126,7 +126,7 @@ def make_model(shapes: dict, device: torch.device, dtype: torch.dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**shapes, attn_implementation="sdpa")).to(device=device, dtype=dtype).eval()
+    model = cast_model(LlamaForCausalLM(LlamaConfig(**shapes, attn_implementation="sdpa")), dtype, device).eval()
     model.generation_config.eos_token_id = None
     return model
 

@@ -5,7 +5,7 @@ from .attention import (SUPPORTED_MODEL_TYPES, disable_lrsa, enable_lrsa, lrsa, 
 from .cache import LagKVCache, LagKVLayer, compress_once
 from .config import LagConfig
 from .mask import lrsa_visibility, partition_index, visibility_from_keep
-from .models import load_model, tiny_model
+from .models import cast_model, load_model, tiny_model
 from .policies import POLICIES, LagKVPolicy, Policy, RandomPolicy, SnapKVPolicy, StreamingPolicy, make_policy
 from .profile import environment_record, run_profile
 from .prefill import chunked_prefill, compressed_generate, prefill_chunks
@@ -17,7 +17,7 @@ from .static_generate import (disable_static_lagkv, enable_static_lagkv, greedy_
 __all__ = [
     "LagConfig", "lagkv_scores", "lagkv_keep_indices", "keep_mask", "lrsa_visibility", "visibility_from_keep",
     "partition_index", "enable_lrsa", "disable_lrsa", "lrsa", "lrsa_config_of", "lrsa_attention_forward",
-    "SUPPORTED_MODEL_TYPES", "LagKVCache", "LagKVLayer", "chunked_prefill", "compressed_generate", "prefill_chunks", "load_model",
+    "SUPPORTED_MODEL_TYPES", "LagKVCache", "LagKVLayer", "chunked_prefill", "compressed_generate", "prefill_chunks", "load_model", "cast_model",
     "tiny_model", "compress_once", "Policy", "LagKVPolicy", "RandomPolicy", "SnapKVPolicy", "StreamingPolicy", "POLICIES",
     "make_policy", "run_profile", "environment_record", "lrsa_backend_of", "compare_selections", "SelectionAgreement",
     "StaticLagKVCache", "cache_capacity", "stored_length", "enable_static_lagkv", "disable_static_lagkv",

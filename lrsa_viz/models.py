@@ -111,6 +111,21 @@ def load_model(
     return model, tokenizer
 
 
+
+def cast_model(model: PreTrainedModel, dtype: torch.dtype | None = None,
+               device: torch.device | str | None = None) -> PreTrainedModel:
+    """``model.to(device, dtype)`` that keeps the rotary frequencies (``inv_freq`` buffers) in float32, as
+    ``from_pretrained(dtype=...)`` and mixed-precision training keep them. A plain ``.to(torch.bfloat16)`` rounds
+    them to bf16 (up to 0.4% per frequency: several radians of phase at a 4k-token distance), so a model cast that
+    way attends with other positions than it was trained with. Returns ``model`` (moved in place)."""
+    rotary = {name: buf for name, buf in model.named_buffers() if name.rsplit(".", 1)[-1].endswith("inv_freq")}
+    model.to(device=device, dtype=dtype)
+    for name, buf in rotary.items():
+        owner, attr = name.rsplit(".", 1)
+        module = model.get_submodule(owner)
+        module._buffers[attr] = buf.to(device=module._buffers[attr].device, dtype=torch.float32)
+    return model
+
 def tiny_model(seed: int = 0, *, num_layers: int = 2, vocab_size: int = 256) -> LlamaForCausalLM:
     """A small random Llama for fast tests: GQA (4 query heads, 2 KV heads, head_dim 16), float32, eval mode.
 

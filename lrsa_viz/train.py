@@ -150,12 +150,12 @@ def is_tiny_source(source: str | None) -> bool:
 
 def load_source(source: str | None, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
     """(model with SDPA attention, tokenizer) for a model source (see `TrainConfig.model`)."""
-    from .models import load_model, tiny_model
+    from .models import cast_model, load_model, tiny_model
 
     if is_tiny_source(source):
         seed = int(source.split(":", 1)[1]) if ":" in source else 0
         tokenizer = load_tokenizer()
-        model = tiny_model(seed=seed, vocab_size=len(tokenizer)).to(device=device, dtype=dtype)
+        model = cast_model(tiny_model(seed=seed, vocab_size=len(tokenizer)), dtype, device)
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         return model, tokenizer
@@ -297,6 +297,8 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", dtype: tor
     """(model with SDPA attention, tokenizer, TrainConfig) of a finished run: its base model + its final weights."""
     from safetensors.torch import load_model as load_weights
 
+    from .models import cast_model
+
     run_dir = Path(run_dir)
     cfg_file, weights = run_dir / "train_config.json", run_dir / "model.safetensors"
     for f in (cfg_file, weights):
@@ -305,7 +307,7 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", dtype: tor
     config = TrainConfig(**json.loads(cfg_file.read_text()))
     model, tokenizer = load_source(config.model, device=device, dtype=torch.float32)
     load_weights(model, str(weights))
-    return model.to(dtype=dtype).eval(), tokenizer, config
+    return cast_model(model, dtype).eval(), tokenizer, config  # rotary frequencies stay float32
 
 
 # --------------------------------------------------------------------------------------------------------------

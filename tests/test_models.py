@@ -90,3 +90,22 @@ def test_conversion_finished_first_by_another_process_is_kept(tmp_path, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["converted", "other.gguf"]
     fresh = tmp_path / "fresh"
     assert models._convert_gguf(gguf, fresh) == fresh and (fresh / "config.json").exists()
+
+
+def test_cast_model_keeps_rotary_frequencies_in_float32(tiny_lm):
+    """A bf16 model made by cast_model has bf16 weights and the float32 rotary frequencies from_pretrained(dtype=)
+    gives; a plain .to(bf16) rounds them (which moves every position's phase)."""
+    import copy
+
+    from lrsa_viz import cast_model
+
+    reference = dict(tiny_lm.named_buffers())
+    plain = copy.deepcopy(tiny_lm).to(torch.bfloat16)
+    cast = cast_model(copy.deepcopy(tiny_lm), torch.bfloat16)
+    for name, buf in reference.items():
+        if name.endswith("inv_freq"):
+            assert dict(cast.named_buffers())[name].dtype == torch.float32
+            assert torch.equal(dict(cast.named_buffers())[name], buf)
+            assert not torch.equal(dict(plain.named_buffers())[name].float(), buf), "bf16 rounds the frequencies"
+    assert all(p.dtype == torch.bfloat16 for p in cast.parameters())
+

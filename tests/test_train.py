@@ -230,6 +230,11 @@ def test_run_files(data, tmp_path):
     trained = load_file(run / "model.safetensors")
     assert torch.equal(model.state_dict()["model.embed_tokens.weight"], trained["model.embed_tokens.weight"])
     assert cfg.mode == "lrsa" and model.config._attn_implementation == "sdpa"
+    bf16, _, _ = load_run(run, dtype=torch.bfloat16)  # rotary frequencies as trained (float32), weights bf16
+    freqs = {n: b for n, b in bf16.named_buffers() if n.endswith("inv_freq")}
+    assert freqs and all(b.dtype == torch.float32 and torch.equal(b, dict(model.named_buffers())[n])
+                         for n, b in freqs.items())
+    assert bf16.model.embed_tokens.weight.dtype == torch.bfloat16
 
 
 def test_cli_trains_both_modes(data, tmp_path):
