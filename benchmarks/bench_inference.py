@@ -22,7 +22,9 @@ Model: SmolLM2-135M shapes (30 layers, 9 query / 3 KV heads, head_dim 64), rando
 Compilation dominates the run time: a mode compiles its decode step twice (batch 1 is specialised by dynamo, the
 other batch sizes share one dynamic-shape graph), and the LRSA prefill compiles once per prompt length.
 
-Decoding is greedy, the whole step (model + cache) compiled once with ``torch.compile(mode="reduce-overhead",
+LagKV decoding compresses between steps, only when a partition is due (``--compression host``, the default; the
+step holds no compression work), or inside every step with fixed shapes (``--compression step``, the design the
+2026-11-29 H200 run measured). Decoding is greedy, the whole step (model + cache) compiled once with ``torch.compile(mode="reduce-overhead",
 fullgraph=True, dynamic=True)`` (CUDA graphs; one compilation shared by all cases of a mode) after warm-up steps.
 Reported per row (keys as bench_lrsa's former inference rows, plus more):
 
@@ -36,6 +38,8 @@ Reported per row (keys as bench_lrsa's former inference rows, plus more):
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import math
 import statistics
@@ -175,17 +179,22 @@ def run_mode(model, mode: str, ids: torch.Tensor, cfg: LagConfig, args, step_fn,
                     torch._dynamo.mark_static_address(t, guard=False)
         allocated = cache_bytes(cache)
         stored_after_prefill = stored_length(n, cfg) if mode == LAGKV else n
-        warm, warmup_s = timed(lambda: greedy_decode(model, cache, tok, args.warmup_steps, step_fn=step_fn), device)
+        host = mode == LAGKV and args.compression == "host"  # compress between steps, only when due
+        decode = functools.partial(greedy_decode, model, cache, step_fn=step_fn, host_compression=host)
+        warm, warmup_s = timed(lambda: decode(tok, args.warmup_steps), device)
         tok = warm[:, -1:]  # the warm-up steps compile (first case of a mode) and record the CUDA graphs
-        generated, decode_s = timed(lambda: greedy_decode(model, cache, tok, args.new_tokens, step_fn=step_fn), device)
+        generated, decode_s = timed(lambda: decode(tok, args.new_tokens), device)
         state = {"tok": torch.empty_like(generated[:, -1:], memory_format=torch.contiguous_format).copy_(generated[:, -1:])}
 
         def one_step():
+            if host:
+                cache.before_update(1)
             if device.type == "cuda" and step_fn is not decode_step:
                 torch.compiler.cudagraph_mark_step_begin()
             state["tok"] = step_fn(model, state["tok"], cache).clone()
 
-        syncs = count_host_syncs(one_step, args.sync_steps, device) if args.sync_steps else None
+        with cache.host_scheduled_compression() if host else contextlib.nullcontext():  # its one read: before
+            syncs = count_host_syncs(one_step, args.sync_steps, device) if args.sync_steps else None
     seen_mid = n + args.warmup_steps + args.new_tokens / 2  # tokens in the cache at the middle of the timed steps
     stored_mid = stored_length(int(seen_mid), cfg) if mode == LAGKV else seen_mid
     layers, h_kv, d = model.config.num_hidden_layers, model.config.num_key_value_heads, model.config.head_dim
@@ -258,7 +267,8 @@ def check_eager_vs_compiled(model, cfg: LagConfig, args, step_fn, device) -> dic
         for name, fn in (("eager", decode_step), ("compiled", step_fn)):
             cache = StaticLagKVCache(model.config, n + steps + 1, cfg, compiled_selection=flex)
             first = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
-            tokens[name] = greedy_decode(model, cache, first, steps, step_fn=fn)
+            tokens[name] = greedy_decode(model, cache, first, steps, step_fn=fn,
+                                         host_compression=args.compression == "host")
     same = tokens["eager"] == tokens["compiled"]
     first_diff = (~same).float().argmax(dim=1)
     return {"prompt_len": n, "batch": b, "steps": steps, "tokens_equal": bool(same.all()),
@@ -280,6 +290,7 @@ def run_inference(cases: list[tuple[int, int]], cfg: LagConfig, args, device: to
     modes = [m for m in MODES if m in args.modes]
     result = {"device_bandwidth_bytes_per_s": bandwidth, "nominal_bandwidth_bytes_per_s": NOMINAL_BANDWIDTH,
               "decode": {"compiled": bool(compile_step), "mode": "reduce-overhead", "fullgraph": True, "dynamic": True,
+                         "compression": args.compression,
                          "kernel": args.kernel, "warmup_steps": args.warmup_steps, "new_tokens": args.new_tokens},
               "lag_config": cfg.to_dict(), "model_shapes": shapes, "dtype": str(dtype), "rows": [], "kernels": []}
     for n, b in cases:
@@ -380,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"of {','.join(MODES)} (full_cache_buffer: the full cache with LagKV's decode kernel, the "
                          "like-for-like comparison; off by default to keep the run short (an estimate: each mode compiles)")
     ap.add_argument("--kernel", default=DEFAULT_KERNEL, choices=KERNELS, help="buffer-attention kernel")
+    ap.add_argument("--compression", default="host", choices=("host", "step"),
+                    help="LagKV decode: compress between steps when a partition is due (host) or inside every step")
     ap.add_argument("--kernel-bench", type=int, default=1, help="also time each kernel alone (1/0)")
     ap.add_argument("--backend", default="auto", choices=("auto", "flex", "reference"), help="LRSA prefill backend")
     ap.add_argument("--compile", default="auto", choices=("auto", "force", "off"),

@@ -29,7 +29,9 @@ and it lets the prompt go through one parallel LRSA forward (`lrsa_viz.static_ge
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Iterator
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -149,6 +151,8 @@ class StaticLagKVCache(Cache):
         self._empty = True  # host flag: no update yet (the next one is the one-shot prompt fill)
         self._filling = False  # host flag: the current update is the one-shot fill
         self._pending_span = 0  # host int: tokens after the scored partition that the next compression moves
+        self.defer_compression = False  # host flag: updates leave compression to `before_update` (see
+        self._host_counts: tuple[int, int] | None = None  # (seen, done) on the host   `host_scheduled_compression`)
 
     # ------------------------------------------------------------------------------------------------ buffers
     def _allocate(self, key_states: torch.Tensor) -> None:
@@ -225,7 +229,8 @@ class StaticLagKVCache(Cache):
         if not torch.compiler.is_compiling() and q > self.max_chunk:
             raise ValueError(f"input: an update after the first may append at most max_chunk={self.max_chunk} tokens "
                              f"(the cache was sized for it), got {q}; build the cache with max_chunk >= {q}")
-        self._compress_pending()
+        if not self.defer_compression:  # else the driver compressed before this update (`before_update`)
+            self._compress_pending()
         seen = self._seen
         stored = stored_length(seen, self.lag_config)
         # stored state (not new tensors) only: CUDA graphs must not keep step outputs alive between replays
@@ -236,6 +241,41 @@ class StaticLagKVCache(Cache):
         self._overflow.logical_or_(seen + q > self.token_limit)
         self._seen.add_(q)
         self._pending_span = self.lag_config.lag_size + q - 1
+
+    @contextlib.contextmanager
+    def host_scheduled_compression(self) -> Iterator["StaticLagKVCache"]:
+        """Within: updates carry no compression work; the caller calls `before_update` before each update.
+
+        By default every update compresses in place whatever the previous update made due, with fixed shapes and a
+        device flag (``torch.where``): no host sync, but the window of every layer is read, scored and written back
+        at every decoding step although a partition completes only once per L tokens. A decoding loop knows how many
+        tokens it feeds, so it can decide on the host when a compression is due and run it only then: same
+        compressions, same order ("use then compress"), same positions kept (tested); the update (a compiled,
+        CUDA-graph step) then holds only the write and the attention. One host read on entry (the two counters),
+        none per step; entering again inside is a no-op (so a caller can take the read before a sync-free region).
+        """
+        if self._empty:
+            raise ValueError("host_scheduled_compression: the cache is empty; fill it with the prompt first")
+        if self._host_counts is not None:  # already inside (nested): the outer context keeps the counts
+            yield self
+            return
+        seen, done = torch.stack([self._seen, self._done]).tolist()
+        self._host_counts, self.defer_compression = (seen, done), True
+        try:
+            yield self
+        finally:
+            self._host_counts, self.defer_compression = None, False
+
+    def before_update(self, q: int) -> None:
+        """Inside `host_scheduled_compression`: call before each update of ``q`` new tokens. Applies the
+        compression the previous update made due (eagerly, decided from host counts) and counts the ``q`` tokens."""
+        if self._host_counts is None:
+            raise RuntimeError("before_update: only inside `with cache.host_scheduled_compression():`")
+        seen, done = self._host_counts
+        due = compressed_partitions(seen, self.lag_config)
+        if due > done:
+            self._compress_pending()
+        self._host_counts = (seen + check_int("q", q, 1), max(due, done))
 
     def _fill_layer(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int) -> None:
         """One-shot LagKV compression of the prompt's states into this layer's slots 0 .. eq.12 - 1."""

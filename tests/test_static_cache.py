@@ -2,6 +2,7 @@
 greedy tokens; the decode step compiles whole and reads nothing back from the device."""
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import types
@@ -350,33 +351,35 @@ def test_inference_benchmark_smoke(tmp_path):
 
 # ----------------------------------------------------------------------------------------------------- CUDA
 @CUDA
-@pytest.mark.parametrize("kernel", KERNELS)
-def test_cuda_compiled_graphs_equal_eager_and_teaching(kernel):
+@pytest.mark.parametrize("kernel, host_compression", [(k, False) for k in KERNELS] + [(DEFAULT_KERNEL, True)])
+def test_cuda_compiled_graphs_equal_eager_and_teaching(kernel, host_compression):
     """On a GPU, float32, each decode kernel: CUDA-graph decoding (inductor, reduce-overhead) = eager = the teaching
     path."""
     m = tiny_model(seed=0).cuda()
     m.generation_config.eos_token_id = None
     cfg = LagConfig(4, 16, 0.25)
     ids = torch.randint(0, 256, (2, 90), generator=torch.Generator().manual_seed(3)).cuda()
-    eager = static_generate(m, ids, cfg, 70, compile=False, kernel=kernel)
-    compiled = static_generate(m, ids, cfg, 70, compile=True, kernel=kernel)
+    eager = static_generate(m, ids, cfg, 70, compile=False, kernel=kernel, host_compression=host_compression)
+    compiled = static_generate(m, ids, cfg, 70, compile=True, kernel=kernel, host_compression=host_compression)
     teaching = compressed_generate(m, ids, cfg, max_new_tokens=70, do_sample=False)
     assert torch.equal(eager, compiled)
     assert torch.equal(eager, teaching)
 
 
 @CUDA
-def test_cuda_eager_decode_never_syncs():
-    """torch.cuda.set_sync_debug_mode('error') raises on any synchronising call: none in eager decode steps."""
+@pytest.mark.parametrize("host_compression", [False, True])
+def test_cuda_eager_decode_never_syncs(host_compression):
+    """torch.cuda.set_sync_debug_mode('error') raises on any synchronising call: none in eager decode steps, with
+    the compression inside the steps or scheduled on the host (its one read is taken on entry, before)."""
     m = tiny_model(seed=0).cuda()
     cfg = LagConfig(4, 16, 0.25)
     logits, cache = static_prefill(m, torch.randint(0, 256, (2, 60)).cuda(), cfg, 60 + 40)
     first = logits[:, -1:].argmax(-1)
-    with static_lagkv(m, cfg):
+    with static_lagkv(m, cfg), (cache.host_scheduled_compression() if host_compression else contextlib.nullcontext()):
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            greedy_decode(m, cache, first, 39)
+            greedy_decode(m, cache, first, 39, host_compression=host_compression)
         finally:
             torch.cuda.set_sync_debug_mode("default")
 
@@ -407,3 +410,51 @@ def test_inference_figures(tmp_path):
     assert len(fig.data) == 4 + 2 and fig.layout.yaxis.title.text == "generated tokens/s (all sequences)"
     with pytest.raises(ValueError, match="no measured inference rows"):
         measured_decode_figure({"inference": {"rows": []}})
+
+
+# --------------------------------------------------------------------------------- compression scheduled on the host
+@pytest.mark.parametrize("compiled", [False, True])
+def test_host_scheduled_compression_keeps_the_same_tokens_and_positions_with_fewer_compressions(model, compiled):
+    """Compressing between steps, only when a partition is due, decodes the same tokens and keeps the same
+    positions in every layer as compressing inside every step, with one compression per L tokens instead of one
+    per step; the compiled step (one graph, no break) too."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    cfg = LagConfig(4, 16, 0.25)
+    ids = torch.randint(0, 256, (2, 70), generator=torch.Generator().manual_seed(5))
+    steps, runs = 75, {}
+    for host in (False, True):
+        logits, cache = static_prefill(model, ids, cfg, 70 + steps + 1)
+        calls = []
+        if not compiled:  # count the compressions (a Python side effect would recompile a compiled step)
+            real = cache._compress_one
+            cache._compress_one = lambda span, real=real, calls=calls: (calls.append(span), real(span))[1]
+        torch._dynamo.reset()
+        counters.clear()
+        step = compiled_decode_step(backend="eager") if compiled else decode_step
+        with static_lagkv(model, cfg):
+            tokens = greedy_decode(model, cache, logits[:, -1:].argmax(-1), steps, step_fn=step, host_compression=host)
+        assert not cache.defer_compression and cache._host_counts is None, "the cache is back to in-step compression"
+        if compiled:
+            assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], dict(counters["stats"])
+        calls = len(calls)  # the decode loop's compressions (kept_positions below applies pending ones too)
+        runs[host] = tokens, [cache.kept_positions(layer) for layer in range(len(cache.layers))], calls
+    (tok_step, kept_step, calls_step), (tok_host, kept_host, calls_host) = runs[False], runs[True]
+    assert torch.equal(tok_step, tok_host)
+    assert all(torch.equal(a, b) for a, b in zip(kept_step, kept_host))
+    completed = compressed_partitions(70 + steps, cfg) - compressed_partitions(70, cfg)
+    assert completed >= 4
+    if not compiled:
+        assert calls_step == steps and calls_host == completed, "in-step: the window is compressed at every update"
+
+
+def test_before_update_outside_its_context_is_refused(model):
+    cfg = LagConfig(4, 16, 0.25)
+    _, cache = static_prefill(model, torch.randint(0, 256, (1, 40)), cfg, 60)
+    with pytest.raises(RuntimeError, match="host_scheduled_compression"):
+        cache.before_update(1)
+    empty = StaticLagKVCache(model.config, 60, cfg)
+    with pytest.raises(ValueError, match="empty"):
+        with empty.host_scheduled_compression():
+            pass
