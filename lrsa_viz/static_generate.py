@@ -1,7 +1,7 @@
 """Compressed generation over fixed buffers (no host sync per step): one parallel LRSA prefill into a
 `StaticLagKVCache`, then decoding over its fixed-size buffers (eager, or compiled with CUDA graphs). Measured on an
 H200 (data/results/bench_h200_x2): it does not yet decode faster than transformers' full StaticCache (0.54x-0.75x
-at a 16k prompt), though its prefill is 1.27x faster at batch 16-64 and it keeps 26% of the KV bytes.
+at a 16k prompt), though its prefill is 1.27-1.28x faster at batch 16-64 and it keeps 26% of the KV bytes.
 
 `enable_static_lagkv(model, config)` registers the attention implementation ``"lagkv_static"``:
 

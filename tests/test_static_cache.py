@@ -412,6 +412,24 @@ def test_inference_figures(tmp_path):
         measured_decode_figure({"inference": {"rows": []}})
 
 
+def test_committed_inference_runs_merge_into_one_result(tmp_path):
+    """The committed H200 runs (one batch size each, same GPU and torch) read as one result, rows in file order;
+    a file from another GPU is refused."""
+    from lrsa_viz.fast.inference_figures import inference_rows, measured_decode_figure, merge_inference_results
+
+    paths = [ROOT / "data" / "results" / "bench_h200_x2" / f"bench_inference_b{b}.json" for b in (1, 16, 64)]
+    merged = merge_inference_results(paths)
+    assert [(r["prompt_len"], r["batch"]) for r in merged["inference"]["rows"]] == [(16384, 1), (16384, 16), (16384, 64)]
+    assert len(merged["commands"]) == 3 and "H200" in merged["gpu"]
+    assert {r["mode"] for r in inference_rows(merged)} == {"full_cache_sdpa", "lagkv_cache_fast_lrsa"}
+    assert len(measured_decode_figure(merged).data) == 2 * 3 + 2
+    other = json.loads(paths[0].read_text())
+    other["gpu"] = "another GPU"
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="another GPU"):
+        merge_inference_results([paths[0], tmp_path / "other.json"])
+
+
 # --------------------------------------------------------------------------------- compression scheduled on the host
 @pytest.mark.parametrize("compiled", [False, True])
 def test_host_scheduled_compression_keeps_the_same_tokens_and_positions_with_fewer_compressions(model, compiled):

@@ -47,6 +47,25 @@ def decode_cost_figure(context_lens: Sequence[int], config: LagConfig | None = N
                           "Why a smaller cache decodes faster and fits more sequences (model)")
 
 
+def merge_inference_results(paths: Sequence) -> dict:
+    """Several benchmarks/bench_inference.py JSON files of one GPU and torch version (e.g. one case per run) as one
+    result: their rows in file order, the first file's "fit", every file's command under "commands". Files of
+    different GPUs or torch versions are refused (their numbers do not compare)."""
+    import json
+    from pathlib import Path
+
+    results = [json.loads(Path(p).read_text()) for p in paths]
+    if not results:
+        raise ValueError("paths: no benchmark files given")
+    first = results[0]
+    for path, r in zip(paths, results):
+        if (r["gpu"], r["environment"]["torch"]) != (first["gpu"], first["environment"]["torch"]):
+            raise ValueError(f"paths: {path} was measured on {r['gpu']} / torch {r['environment']['torch']}, "
+                             f"not {first['gpu']} / torch {first['environment']['torch']} like {paths[0]}")
+    inference = {**first["inference"], "rows": [row for r in results for row in r["inference"]["rows"]]}
+    return {**first, "inference": inference, "command": first["command"], "commands": [r["command"] for r in results]}
+
+
 def inference_rows(result: dict) -> list[dict]:
     """The benchmark's measured rows, flat: prompt_len, batch, mode, tokens_per_s, bytes_per_sequence,
     bandwidth_fraction, host_syncs_per_step (modes that failed are left out)."""
