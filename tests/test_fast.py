@@ -7,6 +7,7 @@ attention over the same layout and mask that can run backward on CPU). Needs CUD
 the compiled kernels' (Triton and, where installed, FlashAttention-4) forward and backward in bf16, exact ties,
 no host synchronisation, a model training step; the benchmark script checks them too on every GPU run.
 """
+import copy
 import itertools
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_mask
 
-from lrsa_viz import LagConfig, LagKVCache, chunked_prefill, disable_lrsa, enable_lrsa, lrsa
+from lrsa_viz import LagConfig, LagKVCache, cast_model, chunked_prefill, disable_lrsa, enable_lrsa, lrsa
 from lrsa_viz.attention import lrsa_backend_of, resolve_backend
 from lrsa_viz.fast import LrsaLayout, block_classes, buffer_positions, compact_positions, fast_lrsa_attention, layout_kv
 from lrsa_viz.fast.cost import dense_causal_pairs, kv_cache_bytes, lrsa_tiles, lrsa_visible_pairs
@@ -514,8 +515,11 @@ def test_cuda_fast_path_makes_no_host_sync(kernel):
 
 @cuda
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_cuda_model_training_step_matches_reference(tiny, kernel, monkeypatch):
+@pytest.mark.parametrize("head_dim", [16, 64])
+def test_cuda_model_training_step_matches_reference(tiny, kernel, head_dim, monkeypatch):
     """One bf16 training step (loss + backward) of the tiny model: fast path vs reference path, same selections.
+    ``head_dim`` 16 (the tiny model's) and 64 (SmolLM2's, what the FlashAttention-4 tiles are built for): an H200
+    run failed this test with flash at head_dim 16 (its numbers were not recorded); the pair separates the head size.
 
     Both runs go through the model's LRSA attention with backend='flex' (which hands full sequences to
     `lrsa_viz.fast.fast_lrsa_attention`); for the reference run that function is replaced by the reference math
@@ -533,9 +537,13 @@ def test_cuda_model_training_step_matches_reference(tiny, kernel, monkeypatch):
     real = lrsa_viz.fast.fast_lrsa_attention
     cfg = LagConfig(4, 16, 0.25)
     ids = torch.randint(0, 256, (2, 300), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
-    model16 = type(tiny)(tiny.config).to("cuda", torch.bfloat16)
-    model16.load_state_dict(tiny.state_dict())
-    model32 = type(tiny)(tiny.config).to("cuda", torch.float32)
+    config = copy.deepcopy(tiny.config)
+    config.head_dim = head_dim
+    torch.manual_seed(0)
+    model32 = type(tiny)(config).to("cuda", torch.float32)  # random weights (head_dim 16: the tiny model's own)
+    if head_dim == tiny.config.head_dim:
+        model32.load_state_dict(tiny.state_dict())
+    model16 = cast_model(copy.deepcopy(model32), torch.bfloat16)
     model32.load_state_dict(model16.state_dict())  # the same (bf16-rounded) weights in float32
 
     def reference_attention(record, forced=None):
