@@ -79,12 +79,19 @@ def junit_summary(path: Path) -> dict:
     return {**counts, "cuda_tests": cuda, "failures": failures}
 
 
+def visible_device(index: int) -> str:
+    """The CUDA_VISIBLE_DEVICES entry of this process's GPU ``index``: with CUDA_VISIBLE_DEVICES=2,3 set for the
+    check, its GPU 0 is the machine's GPU 2 (a part given "0" would run on the machine's GPU 0)."""
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return visible[index] if index < len(visible) else str(index)
+
+
 def run_part(part: str, gpu: int, workdir: Path, workers: int, threads: int, deadline: float | None) -> dict:
     """Run one part on GPU ``gpu`` with ``threads`` CPU threads; stop it at ``deadline`` (unix time) if it is still
     running then (recorded as ``timed_out`` with its output so far)."""
     junit = workdir / (part.replace("/", "_") + ".xml")
     per_process = max(1, threads // workers) if uses_xdist(part, workers) else threads  # xdist workers share them
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu), "LRSA_VIZ_PROFILE": "full", "TQDM_DISABLE": "1",
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": visible_device(gpu), "LRSA_VIZ_PROFILE": "full", "TQDM_DISABLE": "1",
            "OMP_NUM_THREADS": str(per_process), "MKL_NUM_THREADS": str(per_process),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     start = time.time()

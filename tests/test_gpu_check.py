@@ -78,3 +78,12 @@ def test_main_schedules_parts_with_their_thread_share_and_records_booleans(tmp_p
     assert parts["bad"]["tests"]["passed"] == 1 and parts["bad"]["tests"]["failed"] == 1
     assert parts["bad"]["tests"]["failures"] == {"t::b": "err 0.03 > 0.02"}, "a failure's message is recorded"
     assert f"threads {share}" in (tmp_path / "gpu_check.log").read_text()
+
+
+def test_parts_run_on_the_gpus_this_check_was_given(monkeypatch):
+    """gpu_check run with CUDA_VISIBLE_DEVICES=2,3 (beside other work on GPUs 0-1) gives its parts GPUs 2 and 3."""
+    gpu_check = import_gpu_check()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert [gpu_check.visible_device(i) for i in (0, 1)] == ["2", "3"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert [gpu_check.visible_device(i) for i in (0, 1)] == ["0", "1"]
