@@ -111,7 +111,6 @@ def load_model(
     return model, tokenizer
 
 
-
 def cast_model(model: PreTrainedModel, dtype: torch.dtype | None = None,
                device: torch.device | str | None = None) -> PreTrainedModel:
     """``model.to(device, dtype)`` that keeps the rotary frequencies (``inv_freq`` buffers) in float32, as
@@ -125,6 +124,7 @@ def cast_model(model: PreTrainedModel, dtype: torch.dtype | None = None,
         module = model.get_submodule(owner)
         module._buffers[attr] = buf.to(device=module._buffers[attr].device, dtype=torch.float32)
     return model
+
 
 def tiny_model(seed: int = 0, *, num_layers: int = 2, vocab_size: int = 256) -> LlamaForCausalLM:
     """A small random Llama for fast tests: GQA (4 query heads, 2 KV heads, head_dim 16), float32, eval mode.

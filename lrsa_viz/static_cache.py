@@ -151,8 +151,9 @@ class StaticLagKVCache(Cache):
         self._empty = True  # host flag: no update yet (the next one is the one-shot prompt fill)
         self._filling = False  # host flag: the current update is the one-shot fill
         self._pending_span = 0  # host int: tokens after the scored partition that the next compression moves
-        self.defer_compression = False  # host flag: updates leave compression to `before_update` (see
-        self._host_counts: tuple[int, int] | None = None  # (seen, done) on the host   `host_scheduled_compression`)
+        # `host_scheduled_compression`: updates leave compression to `before_update`, which decides from host counts
+        self.defer_compression = False
+        self._host_counts: tuple[int, int] | None = None  # (seen, done) on the host, inside that context only
 
     # ------------------------------------------------------------------------------------------------ buffers
     def _allocate(self, key_states: torch.Tensor) -> None:
