@@ -115,8 +115,9 @@ def cast_model(model: PreTrainedModel, dtype: torch.dtype | None = None,
                device: torch.device | str | None = None) -> PreTrainedModel:
     """``model.to(device, dtype)`` that keeps the rotary frequencies (``inv_freq`` buffers) in float32, as
     ``from_pretrained(dtype=...)`` and mixed-precision training keep them. A plain ``.to(torch.bfloat16)`` rounds
-    them to bf16 (up to 0.4% per frequency: several radians of phase at a 4k-token distance), so a model cast that
-    way attends with other positions than it was trained with. Returns ``model`` (moved in place)."""
+    them to bf16 (SmolLM2's: up to 0.33% per frequency, 5.6 radians of phase at a 4,000-token distance), so a
+    model cast that way attends with other positions than it was trained with. Returns ``model`` (moved in place).
+    """
     rotary = {name: buf for name, buf in model.named_buffers() if name.rsplit(".", 1)[-1].endswith("inv_freq")}
     model.to(device=device, dtype=dtype)
     for name, buf in rotary.items():
