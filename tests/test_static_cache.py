@@ -467,6 +467,22 @@ def test_host_scheduled_compression_keeps_the_same_tokens_and_positions_with_few
         assert calls_step == steps and calls_host == completed, "in-step: the window is compressed at every update"
 
 
+@pytest.mark.parametrize("prompt", [5, 20, 36, 37, 52])
+def test_host_scheduled_compression_from_short_prompts(model, prompt):
+    """Prompts shorter than, equal to and just past S + 2L (nothing, or one partition, compressed by the prefill):
+    host-scheduled and in-step compression decode the same tokens and keep the same positions."""
+    cfg = LagConfig(4, 16, 0.25)
+    ids = torch.randint(0, 256, (1, prompt), generator=torch.Generator().manual_seed(prompt))
+    runs = []
+    for host in (False, True):
+        logits, cache = static_prefill(model, ids, cfg, prompt + 61)
+        with static_lagkv(model, cfg):
+            tokens = greedy_decode(model, cache, logits[:, -1:].argmax(-1), 60, host_compression=host)
+        runs.append((tokens, [cache.kept_positions(layer) for layer in range(len(cache.layers))]))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+
+
 def test_before_update_outside_its_context_is_refused(model):
     cfg = LagConfig(4, 16, 0.25)
     _, cache = static_prefill(model, torch.randint(0, 256, (1, 40)), cfg, 60)
