@@ -4,7 +4,7 @@ a GPU) and every notebook in its full profile through nbval, spread over the vis
     bash scripts/gpu_check.sh [RESULTS_DIR]         # RESULTS_DIR default: data/results
 
 Writes RESULTS_DIR/gpu_check.json (pass/fail and wall time of each part, CUDA tests by name, GPU names, torch
-version, the command) and RESULTS_DIR/gpu_check.log (the last lines of every part's output). Exit status 1 if any
+version, the command) and RESULTS_DIR/gpu_check.log (every part's whole output). Exit status 1 if any
 part failed. Parts run longest first, ``--jobs-per-gpu`` at a time on each GPU, each with its share of the CPU
 threads (unit tests use pytest-xdist workers when pytest-xdist is installed). ``--parts units
 notebooks/01_lagkv_step_by_step.ipynb ...`` runs a subset; ``--time-limit S`` stops what still runs after S seconds
@@ -13,6 +13,7 @@ and records it as timed out, with its verbose output so far (which test or cell 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import queue
@@ -25,9 +26,9 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-#: Minutes of each part on one H200, for scheduling only (longest first; unknown parts count as 3): guesses from
-#: runs alone (04: 315 s, 05: 155 s, 06: 148 s in session 1); the unit suite on CUDA has not finished in any run.
-EXPECTED_MIN = {"units": 4, "notebooks/04_finetune.ipynb": 6, "notebooks/05_explorer.ipynb": 3,
+#: Minutes of each part on one H200, for scheduling only (longest first; unknown parts count as 3): from runs alone
+#: (04: 315 s, 05: 155 s, 06: 148 s) and the units in run d (363 s, sharing the GPU with notebook 05).
+EXPECTED_MIN = {"units": 6, "notebooks/04_finetune.ipynb": 6, "notebooks/05_explorer.ipynb": 3,
                 "notebooks/06_performance.ipynb": 3}
 NBVAL = ["--nbval-lax", "--nbval-current-env", "--sanitize-with", "notebooks/sanitize.cfg"]
 
@@ -94,9 +95,11 @@ def run_part(part: str, gpu: int, workdir: Path, workers: int, threads: int, dea
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": visible_device(gpu), "LRSA_VIZ_PROFILE": "full", "TQDM_DISABLE": "1",
            "OMP_NUM_THREADS": str(per_process), "MKL_NUM_THREADS": str(per_process),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    junit.unlink(missing_ok=True)  # a part that dies before its report must not show an earlier run's
     start = time.time()
     proc = subprocess.Popen(part_command(part, junit, workers), cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    RUNNING.add(proc)
     try:
         output, _ = proc.communicate(timeout=None if deadline is None else max(deadline - time.time(), 1.0))
         timed_out = False
@@ -104,10 +107,28 @@ def run_part(part: str, gpu: int, workdir: Path, workers: int, threads: int, dea
         os.killpg(proc.pid, signal.SIGKILL)  # the notebook kernels too
         output, _ = proc.communicate()
         timed_out = True
+    finally:
+        RUNNING.discard(proc)
     wall = time.time() - start
     return {"part": part, "gpu": gpu, "passed": proc.returncode == 0 and not timed_out, "returncode": proc.returncode,
             "timed_out": timed_out, "wall_s": round(wall, 1), "threads": threads,
             "tests": None if timed_out else junit_summary(junit), "output": output}
+
+
+#: Parts running now. Each runs in its own process group (so that a time limit can stop its notebook kernels too),
+#: which an outer `timeout` or Ctrl-C does not reach: `stop_parts_on_signal` stops them with this process.
+RUNNING: set[subprocess.Popen] = set()
+
+
+def stop_parts_on_signal() -> dict:
+    """Install SIGTERM/SIGINT handlers that kill the running parts' groups; returns the previous handlers."""
+    def stop(signum, _frame):
+        for proc in list(RUNNING):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        raise SystemExit(128 + signum)
+
+    return {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
 
 
 def usable_cores() -> int:
@@ -141,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     cores = usable_cores()
     workers = max(1, min(8, cores // (2 * len(slots))))
     # parts side by side share the CPU cores: each gets its share of threads (16 threads per part on 16 cores,
-    # 5 parts at once, ran 3-4x slower than the parts alone: measured on an H200 host, 2026-11-29)
+    # 4-5 parts at once, ran 1.3-3.6x slower than the parts alone: notebooks 04 and 06, H200 host, 2026-11-29)
     threads_per_part = max(1, cores // len(slots))
     deadline = None if args.time_limit is None else time.time() + args.time_limit
     workdir = Path(args.workdir)
@@ -198,11 +219,16 @@ def main(argv: list[str] | None = None) -> int:
     subprocess.run([sys.executable, "-c", "from lrsa_viz import load_model; load_model(device='cpu')"], cwd=ROOT,
                    env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))},
                    check=True)
-    pool = [threading.Thread(target=worker, args=(g,)) for g in slots]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
+    previous = stop_parts_on_signal()
+    try:
+        pool = [threading.Thread(target=worker, args=(g,)) for g in slots]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     with lock:
         record = write_record()
     print(json.dumps({k: record[k] for k in ("all_passed", "wall_s", "gpus", "torch")}))

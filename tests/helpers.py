@@ -1,6 +1,7 @@
 """Small helpers shared by test modules (fixtures live in conftest.py)."""
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -23,6 +24,15 @@ def prompt_batch(tok, examples) -> tuple[torch.Tensor, int]:
     (_, end), rows = max(by_len.items(), key=lambda kv: len(kv[1]))
     assert len(rows) >= 2, "need two prompts of one length"
     return torch.tensor(rows[:2]), end
+
+
+def import_script(folder: str, name: str):
+    """The module ``ROOT/folder/name.py`` (a script or benchmark outside the package), imported by name."""
+    sys.path.insert(0, str(ROOT / folder))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
 
 
 def cpu_env(**extra: str) -> dict[str, str]:

@@ -1,31 +1,27 @@
 """scripts/gpu_check.py on a machine without CUDA: a clear refusal, its JUnit summary read correctly, a part stopped
 at the time limit recorded as timed out with its output, the CPU threads given to each part."""
+import json
+import os
+import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
+import pytest
 import torch
 
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, import_script
 
 
 def import_gpu_check():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import gpu_check
-    finally:
-        sys.path.pop(0)
-    return gpu_check
+    return import_script("scripts", "gpu_check")
 
 
 def test_gpu_check_refuses_without_cuda_and_reads_junit(tmp_path):
-    root = ROOT
-    if not torch.cuda.is_available():
-        done = subprocess.run([sys.executable, str(root / "scripts" / "gpu_check.py"), str(tmp_path)],
-                              capture_output=True, text=True, env={"CUDA_VISIBLE_DEVICES": "", "PATH": ""})
-        assert done.returncode == 2 and "no CUDA GPU" in done.stderr
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), str(tmp_path)],
+                          capture_output=True, text=True, env={"CUDA_VISIBLE_DEVICES": "", "PATH": ""})
+    assert done.returncode == 2 and "no CUDA GPU" in done.stderr
+    assert 1 <= import_gpu_check().usable_cores() <= (os.cpu_count() or 1)
     gpu_check = import_gpu_check()
     xml = tmp_path / "r.xml"
     xml.write_text('<testsuites><testsuite><testcase classname="tests.test_fast" name="test_cuda_x"/>'
@@ -42,7 +38,7 @@ def test_a_part_past_the_time_limit_is_stopped_and_recorded(tmp_path, monkeypatc
     script = "import os, sys, time; print('threads', os.environ['OMP_NUM_THREADS'], flush=True); time.sleep(float(sys.argv[1]))"
     monkeypatch.setattr(gpu_check, "part_command", lambda part, junit, workers: [sys.executable, "-c", script, part])
     t0 = time.time()
-    slow = gpu_check.run_part("60", 0, tmp_path, 1, threads=3, deadline=time.time() + 2)
+    slow = gpu_check.run_part("60", 0, tmp_path, 1, threads=3, deadline=time.time() + 10)
     assert time.time() - t0 < 30, "stopped at the deadline, not after the part's 60 s"
     assert slow["timed_out"] and not slow["passed"] and "threads 3" in slow["output"]
     assert gpu_check.outcome(slow) == "TIMED OUT"
@@ -54,10 +50,8 @@ def test_a_part_past_the_time_limit_is_stopped_and_recorded(tmp_path, monkeypatc
 def test_main_schedules_parts_with_their_thread_share_and_records_booleans(tmp_path, monkeypatch):
     """main() on a pretend one-GPU machine: two parts side by side, one failing after some passing tests; the
     record's pass flags are booleans from the exit status (not test counts) and each part gets cores // 2 threads."""
-    import json
-    import os
-
     gpu_check = import_gpu_check()
+    monkeypatch.setattr(gpu_check, "usable_cores", lambda: 8)  # a pretend 8-core machine: 2 parts, 4 threads each
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(gpu_check, "gpu_names", lambda: ["pretend GPU"])
@@ -71,7 +65,7 @@ def test_main_schedules_parts_with_their_thread_share_and_records_booleans(tmp_p
     status = gpu_check.main([str(tmp_path), "--parts", "good", "bad", "--jobs-per-gpu", "2", "--time-limit", "120",
                              "--workdir", str(tmp_path / "work")])
     record = json.loads((tmp_path / "gpu_check.json").read_text())
-    share = max(1, len(os.sched_getaffinity(0)) // 2)  # the cores this process may use (taskset-aware)
+    share = 4
     assert status == 1 and record["complete"] and not record["all_passed"] and record["threads_per_part"] == share
     parts = {p["part"]: p for p in record["parts"]}
     assert parts["good"]["passed"] is True and parts["bad"]["passed"] is False
@@ -87,3 +81,20 @@ def test_parts_run_on_the_gpus_this_check_was_given(monkeypatch):
     assert [gpu_check.visible_device(i) for i in (0, 1)] == ["2", "3"]
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert [gpu_check.visible_device(i) for i in (0, 1)] == ["0", "1"]
+
+
+def test_a_signal_stops_the_running_parts_too():
+    """Parts run in their own process groups (out of reach of an outer `timeout`): SIGTERM to the check kills them."""
+    gpu_check = import_gpu_check()
+    part = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    gpu_check.RUNNING.add(part)
+    previous = gpu_check.stop_parts_on_signal()
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert stopped.value.code == 128 + signal.SIGTERM
+        assert part.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        gpu_check.RUNNING.discard(part)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

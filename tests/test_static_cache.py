@@ -6,13 +6,13 @@ import contextlib
 import json
 import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers import ROOT, import_script
 from lrsa_viz import LagConfig, LagKVCache, chunked_prefill, compressed_generate, tiny_model
 from lrsa_viz.fast.decode import DEFAULT_KERNEL, KERNELS, buffer_attention, slot_mask
 from lrsa_viz.static_cache import StaticLagKVCache, cache_capacity, compressed_partitions, stored_length
@@ -20,7 +20,6 @@ from lrsa_viz.static_generate import (STATIC_LAGKV, compiled_decode_step, decode
                                       enable_static_lagkv, greedy_decode, static_generate, static_lagkv,
                                       static_prefill)
 
-ROOT = Path(__file__).resolve().parents[1]
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CONFIGS = [LagConfig(4, 16, 0.25), LagConfig(0, 8, 0.5), LagConfig(3, 5, 0.2), LagConfig(2, 4, 1.0)]
 
@@ -318,11 +317,7 @@ def test_too_many_tokens_and_too_large_chunks_are_reported(model):
 # ------------------------------------------------------------------------------------------------ benchmark
 def test_inference_benchmark_smoke(tmp_path):
     """benchmarks/bench_inference.py --smoke runs on CPU and writes the JSON the GPU run writes."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import bench_inference
-    finally:
-        sys.path.pop(0)
+    bench_inference = import_script("benchmarks", "bench_inference")
     out = tmp_path / "smoke.json"
     modes = "full_cache_sdpa,full_cache_buffer,lagkv_cache_fast_lrsa"
     assert bench_inference.main(["--smoke", "--out", str(out), "--modes", modes]) == 0
@@ -396,11 +391,7 @@ def test_inference_figures(tmp_path):
     assert fig.layout.xaxis.title.text == "context length (tokens)" and fig.layout.yaxis.title.text == "bytes per step"
     full, lag = fig.data[0].y, fig.data[2].y
     assert all(f > x for f, x in zip(full, lag))  # LagKV reads fewer bytes at every length
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import bench_inference
-    finally:
-        sys.path.pop(0)
+    bench_inference = import_script("benchmarks", "bench_inference")
     out = tmp_path / "smoke.json"
     bench_inference.main(["--smoke", "--out", str(out), "--kernel-bench", "0", "--check-steps", "0"])
     result = json.loads(out.read_text())
