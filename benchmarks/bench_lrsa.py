@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lrsa_viz import LagConfig, LagKVCache, disable_lrsa, enable_lrsa, environment_record
+from lrsa_viz import LagConfig, LagKVCache, cast_model, disable_lrsa, enable_lrsa, environment_record
 from lrsa_viz.fast import compact_positions, compiled_compact_positions, fast_lrsa_attention
 from lrsa_viz.fast.cost import SMOLLM2_CONFIG, attention_flops, dense_causal_pairs, lrsa_tiles, lrsa_visible_pairs
 from lrsa_viz.fast.kernel import (KERNEL_ENV, allow_recompiles, compiled_flex_attention, flash_unavailable_reason,
@@ -456,7 +456,7 @@ def smollm2_model():
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
     config = LlamaConfig(**(SMOKE_MODEL if RUN["smoke"] else SMOLLM2), attn_implementation="sdpa")
-    return LlamaForCausalLM(config).to(device=RUN["device"], dtype=RUN["dtype"])
+    return cast_model(LlamaForCausalLM(config), RUN["dtype"], RUN["device"])  # rotary frequencies stay float32
 
 
 def training_modes(kernels) -> dict:

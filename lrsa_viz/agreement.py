@@ -35,8 +35,9 @@ def logit_tolerance(logits: torch.Tensor) -> float:
 
     The runs compute the same sums in other orders (N tokens at once vs chunks of L); float32 keeps ~7 digits, and
     30 layers of residual additions lose a few more, so the difference scales with the logits' magnitude. Measured on
-    SmolLM2 with forced selections (1,100 tokens, data/results/agreement_cpu.json): 6.3e-5 to 9.3e-5; notebook 02's
-    full profile: 1.3e-4 at 4,096 tokens. One flipped token moved the logits by 1.1e-2 there (notebook 02).
+    SmolLM2 with forced selections (1,100 tokens, data/results/agreement_cpu.json): 6.3e-5 to 9.3e-5. Notebook 02's
+    full profile printed 1.3e-4 at 4,096 tokens, and 1.1e-2 for one flipped token, in one session's GPU run (its
+    output is not committed: not a record).
     """
     return max(1e-4, 1e-5 * float(logits.abs().max()))
 

@@ -151,7 +151,9 @@ class StaticLagKVCache(Cache):
         self._empty = True  # host flag: no update yet (the next one is the one-shot prompt fill)
         self._filling = False  # host flag: the current update is the one-shot fill
         self._pending_span = 0  # host int: tokens after the scored partition that the next compression moves
-        # `host_scheduled_compression`: updates leave compression to `before_update`, which decides from host counts
+        # `host_scheduled_compression`: updates leave compression to `before_update`, which decides from host counts.
+        # A flag of its own, not `_host_counts is not None`: a compiled step reads it, and a bool guard stays valid
+        # while the counts change at every step (reading the counts there would recompile the step every time)
         self.defer_compression = False
         self._host_counts: tuple[int, int] | None = None  # (seen, done) on the host, inside that context only
 
@@ -370,18 +372,18 @@ class StaticLagKVCache(Cache):
 
         Same layout as `LagKVCache.kept_positions`. Applies any pending compression first and reads the counters.
         """
-        return self._kept_positions()[layer_idx]
+        return self._kept_positions()[layer_idx].long()
 
     def _kept_positions(self) -> torch.Tensor:
-        """[layers, B, H_kv, stored] original positions of every layer, after the pending compression."""
+        """[layers, B, H_kv, stored] int32 original positions of every layer (a view), after the pending compression."""
         self.check_overflow()
         self.flush()
-        return self.position_buffer[:, :, :, :self.stored_length()].long()
+        return self.position_buffer[:, :, :, :self.stored_length()]
 
     def kept_position_mask(self, seq_len: int | None = None) -> torch.Tensor:
         """[layers, B, H_kv, seq_len] bool (default: the tokens seen): which original positions each layer and head
         still stores."""
-        positions = self._kept_positions()
+        positions = self._kept_positions().long()  # scatter_ takes int64 indices
         seen = seq_len if seq_len is not None else (0 if self._empty else int(self._seen))
         mask = torch.zeros(*positions.shape[:3], seen, dtype=torch.bool, device=positions.device)
         return mask.scatter_(-1, positions, True)

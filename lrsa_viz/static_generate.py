@@ -1,7 +1,9 @@
 """Compressed generation over fixed buffers (no host sync per step): one parallel LRSA prefill into a
 `StaticLagKVCache`, then decoding over its fixed-size buffers (eager, or compiled with CUDA graphs). Measured on an
-H200 (data/results/bench_h200_x2): it does not yet decode faster than transformers' full StaticCache (0.54x-0.75x
-at a 16k prompt), though its prefill is 1.27-1.28x faster at batch 16-64 and it keeps 26% of the KV bytes.
+H200 (data/results/bench_h200_x2, with the sdpa_folded kernel and compression inside every step, the settings of
+that time): it decoded slower than transformers' full StaticCache (0.54x-0.75x at a 16k prompt), though its prefill
+was 1.27-1.28x faster at batch 16-64 and it keeps 26% of the KV bytes. Today's defaults (the matmul kernel; and
+``host_compression=True``) are not measured on a GPU yet.
 
 `enable_static_lagkv(model, config)` registers the attention implementation ``"lagkv_static"``:
 
@@ -209,10 +211,6 @@ def greedy_decode(model: PreTrainedModel, cache, tokens: torch.Tensor, steps: in
     return out
 
 
-def check_new_tokens(max_new_tokens) -> int:
-    return check_int("max_new_tokens", max_new_tokens, 1)
-
-
 @torch.no_grad()
 def static_prefill(model: PreTrainedModel, input_ids: torch.Tensor, config: LagConfig | None = None,
                    max_cache_len: int | None = None, *, backend: str = "auto", kernel: str = DEFAULT_KERNEL,
@@ -250,7 +248,7 @@ def static_generate(model: PreTrainedModel, input_ids: torch.Tensor, config: Lag
     """
     config = config or LagConfig()
     check_prefill_inputs(model, input_ids, config)
-    new = check_new_tokens(max_new_tokens)
+    new = check_int("max_new_tokens", max_new_tokens, 1)
     n = input_ids.shape[1]
     check_max_positions(model.config, n + new, "input_ids + max_new_tokens")
     compile = input_ids.is_cuda if compile is None else compile

@@ -110,12 +110,10 @@ class TrainConfig:
                          ("eval_examples", 1), ("save_every", 0), ("seed", 0)):
             v = getattr(self, name)
             check_int(name, v, lo)
-        mb = self.micro_batch_size
-        if mb is not None and (isinstance(mb, bool) or not isinstance(mb, int) or not 1 <= mb <= self.batch_size):
-            raise ValueError(f"micro_batch_size must be an integer in [1, batch_size={self.batch_size}], got {mb!r}")
-        mt = self.micro_batch_tokens
-        if mt is not None and (isinstance(mt, bool) or not isinstance(mt, int) or mt < 1):
-            raise ValueError(f"micro_batch_tokens must be an integer >= 1 or None, got {mt!r}")
+        if self.micro_batch_size is not None:
+            check_int("micro_batch_size", self.micro_batch_size, 1, self.batch_size)  # at most batch_size
+        if self.micro_batch_tokens is not None:
+            check_int("micro_batch_tokens", self.micro_batch_tokens, 1)
         ms = self.max_seconds
         if ms is not None and (isinstance(ms, bool) or not isinstance(ms, (int, float)) or not math.isfinite(ms) or ms <= 0):
             raise ValueError(f"max_seconds must be a finite number > 0 or None, got {ms!r}")

@@ -2,7 +2,6 @@
 batching, and the whole tiny experiment (train both modes + resume + evaluate) giving a complete table."""
 import csv
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,10 +13,9 @@ from lrsa_viz.evaluate import (Setting, budget_examples, contains_answer, defaul
 from lrsa_viz.policies import RandomPolicy
 from lrsa_viz.qa_data import QAConfig, QAGenerator, write_jsonl
 
-from helpers import cpu_env, prompt_batch, run_cpu
+from helpers import ROOT, cpu_env, prompt_batch, run_cpu
 
 LAG = LagConfig(sink_size=8, lag_size=32, ratio=0.25)
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_scores():
@@ -210,10 +208,9 @@ def test_gpu_script_runs_end_to_end_on_cpu(tmp_path, examples):
     import subprocess
     import sys
     short = str(write_jsonl(tmp_path / "short.jsonl", examples[:2]))  # 192-token documents: a fast evaluation
-    env = {**cpu_env(), "PYTHON": sys.executable, "MODEL": "tiny:0", "TRAIN_N": "4", "STEPS": "2", "BATCH": "2",
-           "MICRO": "1", "CONTEXT": "256", "EVAL_EVERY": "1", "EVAL_BATCH": "2", "WORKERS": "1", "SINK": "8",
-           "LAG": "32", "DEV_DATA": short, "TEST_DATA": short, "TEST_LIMIT": "2", "LRSA_BACKEND": "auto",
-           "LRSA_VIZ_WORK": str(tmp_path / "work"), "TQDM_DISABLE": "1"}
+    env = cpu_env(PYTHON=sys.executable, MODEL="tiny:0", TRAIN_N="4", STEPS="2", BATCH="2", MICRO="1", CONTEXT="256",
+                  EVAL_EVERY="1", EVAL_BATCH="2", WORKERS="1", SINK="8", LAG="32", DEV_DATA=short, TEST_DATA=short,
+                  TEST_LIMIT="2", LRSA_BACKEND="auto", LRSA_VIZ_WORK=str(tmp_path / "work"))
     subprocess.run(["bash", "scripts/gpu_finetune.sh", str(tmp_path / "out")], check=True, cwd=ROOT, env=env,
                    stdout=subprocess.DEVNULL)
     out = tmp_path / "out"

@@ -29,7 +29,9 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 @pytest.fixture(scope="module")
 def batch(tok, examples):
     """Two QA prompts of one length [2, N] (N = 242 here) and their context_end."""
-    return prompt_batch(tok, examples)
+    ids, end = prompt_batch(tok, examples)
+    assert ids.shape[1] == 242, "the cases below (S + 2L = 272 > N, ...) are written for N = 242"
+    return ids, end
 
 
 @pytest.fixture
@@ -121,6 +123,7 @@ def test_many_settings_and_the_table_equal_chunks(tiny_lm, tok, examples, batch,
     rows = {mode: evaluate_model(tiny_lm, tok, examples, settings, LAG, batch_size=4, max_new_tokens=5,
                                  model_name="tiny", progress=False, chunked_prefill=mode)
             for mode in ("chunks", "parallel")}
+    assert len(rows["chunks"]) == len(rows["parallel"]) == len(settings)
     for a, b in zip(rows["chunks"], rows["parallel"]):
         expected = {"full": "exact", "lagkv/one_shot": "exact", "lagkv/chunked": "parallel",
                     "streaming/chunked": "chunks", "snapkv/chunked": "chunks"}[a["setting"]]
@@ -284,8 +287,9 @@ def test_cli_takes_chunked_prefill(tmp_path, examples):
         "full": "exact", "lagkv/chunked": "parallel", "lagkv/one_shot": "exact"}
     assert {r["setting"]: r["prefill"] for r in csv.DictReader((tmp_path / "finetune.csv").open())} == {
         "full": "exact", "lagkv/chunked": "parallel", "lagkv/one_shot": "exact"}
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as refused:
         evaluate.main(args + ["--chunked-prefill", "fast"])
+    assert refused.value.code == 2, "argparse's refusal, not another exit"
 
 
 # ------------------------------------------------------------------------------------ results of earlier runs

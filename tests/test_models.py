@@ -102,10 +102,11 @@ def test_cast_model_keeps_rotary_frequencies_in_float32(tiny_lm):
     reference = dict(tiny_lm.named_buffers())
     plain = copy.deepcopy(tiny_lm).to(torch.bfloat16)
     cast = cast_model(copy.deepcopy(tiny_lm), torch.bfloat16)
-    for name, buf in reference.items():
-        if name.endswith("inv_freq"):
-            assert dict(cast.named_buffers())[name].dtype == torch.float32
-            assert torch.equal(dict(cast.named_buffers())[name], buf)
-            assert not torch.equal(dict(plain.named_buffers())[name].float(), buf), "bf16 rounds the frequencies"
+    freqs = [name for name in reference if name.endswith("inv_freq")]
+    assert freqs, "the model has rotary frequency buffers"
+    for name in freqs:
+        assert dict(cast.named_buffers())[name].dtype == torch.float32
+        assert torch.equal(dict(cast.named_buffers())[name], reference[name])
+        assert not torch.equal(dict(plain.named_buffers())[name].float(), reference[name]), "bf16 rounds them"
     assert all(p.dtype == torch.bfloat16 for p in cast.parameters())
 

@@ -419,6 +419,11 @@ def test_committed_inference_runs_merge_into_one_result(tmp_path):
     (tmp_path / "other.json").write_text(json.dumps(other))
     with pytest.raises(ValueError, match="another GPU"):
         merge_inference_results([paths[0], tmp_path / "other.json"])
+    other = json.loads(paths[0].read_text())
+    other["inference"]["decode"]["compression"] = "host"  # another decode setting: not comparable either
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="compression"):
+        merge_inference_results([paths[0], tmp_path / "other.json"])
 
 
 # --------------------------------------------------------------------------------- compression scheduled on the host

@@ -6,15 +6,13 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from lrsa_viz.tasks.suite import SuiteConfig, Work, affinity, gpu_jobs, init_work, summarise, tier_settings
 
-from helpers import cpu_env
+from helpers import ROOT, cpu_env
 
-ROOT = Path(__file__).resolve().parents[1]
 SMOKE = {"MODEL": "tiny:0", "SEEDS": "0 1", "TASKS": "multi_key variable_tracking", "PRIORITY_TASKS": "1",
          "CONTEXTS": "400", "TRAIN_PER_CELL": "2", "DEV_PER_CELL": "1", "TEST_N": "3", "STEPS": "3", "BATCH": "2",
          "MICRO_TOKENS": "2000", "EVAL_EVERY": "1", "SINK": "8", "LAG": "32", "RATIOS": "0.25",
@@ -25,8 +23,8 @@ def run_script(tmp_path, **env):
     # CUDA hidden (helpers.cpu_env): GPUS=0 alone still lets the script's worker and collector see a GPU, which
     # would then train and evaluate on it (bf16, flex) and record it as the device of a run this test made on CPU
     return subprocess.run(["bash", "scripts/gpu_suite.sh", str(tmp_path / "out")], cwd=ROOT, capture_output=True,
-                          text=True, timeout=1200, env={**cpu_env(), "PYTHON": sys.executable, **SMOKE,
-                                                        "LRSA_VIZ_WORK": str(tmp_path / "work"), **env})
+                          text=True, timeout=1200, env=cpu_env(**{**SMOKE, "PYTHON": sys.executable,
+                                                          "LRSA_VIZ_WORK": str(tmp_path / "work"), **env}))
 
 
 def test_suite_script_resumes_and_writes_the_results(tmp_path):

@@ -254,7 +254,7 @@ def test_runs_of_other_precisions_in_one_process(data, tmp_path):
     And nothing of a bf16 run leaks into the next fp32 run: it repeats the first one."""
     kw = dict(mode="full", steps=1, batch_size=2, micro_batch_size=2, eval_every=0, dev_data=None)
     first = train(make_config(data, tmp_path / "fp32", **kw), progress=False)
-    train(make_config(data, tmp_path / "bf16", **kw, precision="bf16"), progress=False)
+    bf16 = train(make_config(data, tmp_path / "bf16", **kw, precision="bf16"), progress=False)
     again = train(make_config(data, tmp_path / "fp32_again", **kw), progress=False)
     for name, precision in (("fp32", "fp32"), ("bf16", "bf16"), ("fp32_again", "fp32")):
         assert json.loads((tmp_path / name / "run_info.json").read_text())["precision"] == precision
@@ -262,6 +262,7 @@ def test_runs_of_other_precisions_in_one_process(data, tmp_path):
     # bf16 autocast changes the loss of such a step by ~3e-4 relative (measured on CPU): a leak would show.
     assert [(r["train_loss"], r["grad_norm"]) for r in again] == \
         [(pytest.approx(r["train_loss"], rel=1e-5), pytest.approx(r["grad_norm"], rel=1e-5)) for r in first]
+    assert bf16[0]["train_loss"] != pytest.approx(first[0]["train_loss"], rel=1e-5), "the bf16 run really ran in bf16"
 
 
 def test_two_processes_ddp_equal_one_process(data, tmp_path):

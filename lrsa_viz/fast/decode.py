@@ -22,7 +22,7 @@ KERNELS = ("sdpa_repeat", "sdpa_folded", "matmul")
 #: The kernel used when none is named: the fastest of the three in the committed H200 measurement
 #: (data/results/bench_h200_x2/bench_inference_b1.json, "kernels": 30 layers' attention of one decode step, 16k
 #: prompt, batch 1, bf16, CUDA graph): over the LagKV buffer matmul 0.87 ms, sdpa_repeat 0.90, sdpa_folded 2.35; over
-#: the full cache 1.48, 2.14, 8.03. Larger batches were not timed kernel by kernel.
+#: the full cache 1.48, 2.14, 8.02. Larger batches were not timed kernel by kernel.
 DEFAULT_KERNEL = "matmul"
 
 

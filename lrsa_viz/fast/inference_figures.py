@@ -5,6 +5,8 @@ A decode step is memory-bound: it reads every weight once and every stored key/v
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Sequence
 
 import plotly.graph_objects as go
@@ -48,22 +50,22 @@ def decode_cost_figure(context_lens: Sequence[int], config: LagConfig | None = N
 
 
 def merge_inference_results(paths: Sequence) -> dict:
-    """Several benchmarks/bench_inference.py JSON files of one GPU and torch version (e.g. one case per run) as one
-    result: their rows in file order, the first file's "fit", every file's command under "commands". Files of
-    different GPUs or torch versions are refused (their numbers do not compare)."""
-    import json
-    from pathlib import Path
-
+    """Several benchmarks/bench_inference.py JSON files of one GPU, torch version and decode setting (e.g. one case
+    per run) as one result: their rows in file order, the first file's "fit", every file's command under
+    "commands". Files that differ in GPU, torch version or decode setting (kernel, compression, steps) are refused:
+    their numbers do not compare."""
     results = [json.loads(Path(p).read_text()) for p in paths]
     if not results:
         raise ValueError("paths: no benchmark files given")
-    first = results[0]
+
+    def setting(r: dict) -> tuple:
+        return r["gpu"], r["environment"]["torch"], json.dumps(r["inference"]["decode"], sort_keys=True)
+
     for path, r in zip(paths, results):
-        if (r["gpu"], r["environment"]["torch"]) != (first["gpu"], first["environment"]["torch"]):
-            raise ValueError(f"paths: {path} was measured on {r['gpu']} / torch {r['environment']['torch']}, "
-                             f"not {first['gpu']} / torch {first['environment']['torch']} like {paths[0]}")
-    inference = {**first["inference"], "rows": [row for r in results for row in r["inference"]["rows"]]}
-    return {**first, "inference": inference, "command": first["command"], "commands": [r["command"] for r in results]}
+        if setting(r) != setting(results[0]):
+            raise ValueError(f"paths: {path} was measured with {setting(r)}, not {setting(results[0])} like {paths[0]}")
+    inference = {**results[0]["inference"], "rows": [row for r in results for row in r["inference"]["rows"]]}
+    return {**results[0], "inference": inference, "commands": [r["command"] for r in results]}
 
 
 def inference_rows(result: dict) -> list[dict]:
