@@ -226,8 +226,10 @@ def _kv_fraction(cache, n_tokens: int) -> float:
     return sum(stored) / (len(stored) * n_tokens)
 
 
-def _greedy_decode(model, logits: torch.Tensor, cache, max_new_tokens: int, eos_token_id: int) -> torch.Tensor:
-    """Greedy tokens [B, T] from the last prompt logits [B, V], continuing on ``cache``."""
+def _greedy_decode(model, logits: torch.Tensor, cache, max_new_tokens: int, eos_token_id: int,
+                   before_step=None) -> torch.Tensor:
+    """Greedy tokens [B, T] from the last prompt logits [B, V], continuing on ``cache``; ``before_step()`` (if
+    given) runs before each model call (a static cache's host-scheduled compression)."""
     done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
     out = []
     for step in range(max_new_tokens):
@@ -236,6 +238,8 @@ def _greedy_decode(model, logits: torch.Tensor, cache, max_new_tokens: int, eos_
         done |= token == eos_token_id
         if step == max_new_tokens - 1 or bool(done.all()):
             break
+        if before_step is not None:
+            before_step()
         logits = model(input_ids=token[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
     return torch.stack(out, dim=1)
 
@@ -271,8 +275,9 @@ def _parallel_answers(model, input_ids: torch.Tensor, config: LagConfig, max_new
         input_ids = torch.cat([input_ids, input_ids[-1:].expand(rows - b, -1)])
     logits, cache = static_prefill(model, input_ids, config, max_cache_len=n + max_new_tokens)  # logits [rows, 1, V]
     kv_fraction = _kv_fraction(cache, n)
-    with static_lagkv(model, config):
-        tokens = _greedy_decode(model, logits[:, -1], cache, max_new_tokens, eos_token_id)
+    with static_lagkv(model, config), cache.host_scheduled_compression():  # compress only when a partition is due
+        tokens = _greedy_decode(model, logits[:, -1], cache, max_new_tokens, eos_token_id,
+                                before_step=lambda: cache.before_update(1))
     cache.check_overflow()
     return tokens[:b], kv_fraction
 

@@ -12,8 +12,10 @@ SMOLLM2_CONFIG = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
                       num_attention_heads=9, num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5,
                       rope_theta=100000.0, tie_word_embeddings=True, max_position_embeddings=131072)
 #: The same shapes under the short names of the cost model and the figures.
-SMOLLM2_135M = {"vocab": 49152, "hidden": 576, "intermediate": 1536, "layers": 30, "heads_q": 9, "heads_kv": 3,
-                "head_dim": 64}
+SMOLLM2_135M = {short: SMOLLM2_CONFIG[name] for short, name in (
+    ("vocab", "vocab_size"), ("hidden", "hidden_size"), ("intermediate", "intermediate_size"),
+    ("layers", "num_hidden_layers"), ("heads_q", "num_attention_heads"), ("heads_kv", "num_key_value_heads"),
+    ("head_dim", "head_dim"))}
 #: The H200's datasheet memory bandwidth, bytes/s.
 H200_BANDWIDTH = 4.8e12
 
