@@ -278,6 +278,19 @@ def test_kernel_choice_is_one_function(monkeypatch):
         fast_lrsa_attention(*random_qkv(150), LagConfig(4, 16, 0.25), block_size=16)
     monkeypatch.setenv("LRSA_VIZ_FLEX_BACKEND", "triton")
     assert kernel_report("cpu")["kernel"] == "triton" and kernel_report("cpu")["requested"] == "triton"
+
+
+def test_flash_only_for_the_head_sizes_it_was_checked_at(monkeypatch):
+    """On a GPU where FlashAttention-4 runs (pretended here), 'auto' takes it for head_dim 64/96/128 and Triton for
+    other sizes; an explicit 'flash' at head_dim 16 (wrong gradients on an H100) is an error naming head_dim."""
+    import lrsa_viz.fast.kernel as kernel_module
+    monkeypatch.delenv("LRSA_VIZ_FLEX_BACKEND", raising=False)
+    monkeypatch.setattr(kernel_module, "flash_unavailable_reason", lambda index=None: None)
+    assert [flex_kernel_backend("cuda", torch.bfloat16, d) for d in (16, 32, 64, 96, 128, 256)] == \
+        ["triton", "triton", "flash", "flash", "flash", "triton"]
+    with pytest.raises(ValueError, match=r"kernel='flash' cannot run here: head_dim 16: .* \(64, 96, 128\)"):
+        flex_kernel_backend("cuda", torch.bfloat16, 16, kernel="flash")
+    assert flex_kernel_backend("cuda", torch.float32, 64) == "triton"
     if not torch.cuda.is_available():
         assert flash_unavailable_reason() == "no CUDA device"
         assert kernel_report()["flash_unavailable_reason"] == "the device is not a CUDA GPU"
@@ -515,11 +528,12 @@ def test_cuda_fast_path_makes_no_host_sync(kernel):
 
 @cuda
 @pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("head_dim", [16, 64])
+@pytest.mark.parametrize("head_dim", [16, 64, 128])
 def test_cuda_model_training_step_matches_reference(tiny, kernel, head_dim, monkeypatch):
     """One bf16 training step (loss + backward) of the tiny model: fast path vs reference path, same selections.
-    ``head_dim`` 16 (the tiny model's) and 64 (SmolLM2's, what the FlashAttention-4 tiles are built for): an H200
-    run failed this test with flash at head_dim 16 (its numbers were not recorded); the pair separates the head size.
+    ``head_dim`` 16 (the tiny model's), 64 (SmolLM2's) and 128. On an H100 (2026-12-07) FlashAttention-4 at head_dim
+    16 gave a k_proj gradient 74% off the float32 run (bf16 SDPA: 2.7%) while 64 matched: fast LRSA now refuses
+    flash outside `FLASH_HEAD_DIMS` (a clear error; ``auto`` takes Triton there), checked first.
 
     Both runs go through the model's LRSA attention with backend='flex' (which hands full sequences to
     `lrsa_viz.fast.fast_lrsa_attention`); for the reference run that function is replaced by the reference math
@@ -534,7 +548,14 @@ def test_cuda_model_training_step_matches_reference(tiny, kernel, head_dim, monk
     needs_kernel(kernel)
     import lrsa_viz.fast
     from lrsa_viz.fast import compiled_compact_positions
+    from lrsa_viz.fast.kernel import FLASH_HEAD_DIMS
     real = lrsa_viz.fast.fast_lrsa_attention
+    if kernel == "flash" and head_dim not in FLASH_HEAD_DIMS:
+        q, k, v = random_qkv(256, b=1, hq=4, hkv=2, d=head_dim, dtype=torch.bfloat16, device="cuda")
+        with pytest.raises(ValueError, match=f"head_dim {head_dim}"):
+            real(q, k, v, LagConfig(4, 16, 0.25), kernel="flash")
+        assert flex_kernel_backend("cuda", torch.bfloat16, head_dim, kernel="auto") == "triton"
+        return
     cfg = LagConfig(4, 16, 0.25)
     ids = torch.randint(0, 256, (2, 300), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     config = copy.deepcopy(tiny.config)

@@ -34,10 +34,14 @@ RECOMPILE_LIMIT = 256
 #: Environment variables read by `fast_options` (per call, so a process can switch between runs).
 KERNEL_ENV, FUSED_ENV, ALIGN_ENV = "LRSA_VIZ_FLEX_BACKEND", "LRSA_VIZ_FUSED_REGION", "LRSA_VIZ_ALIGN_QUERIES"
 KERNELS = ("auto", "flash", "triton")
-#: What FlashAttention-4 runs through FlexAttention (flash_attn/cute/interface.py of flash-attn-4 4.0.0b36):
-#: compute capability 9.x (Hopper) or 10.x/11.x (Blackwell), 16-bit floats, head_dim a multiple of 8 in
-#: [8, 256] (SM90) or [8, 128] (SM100), sparse blocks of 128 x 128 (its tile; only this size was run on an H200).
+#: What fast LRSA runs with FlashAttention-4 through FlexAttention (flash-attn-4 4.0.0b36): compute capability 9.x
+#: (Hopper) or 10.x/11.x (Blackwell), 16-bit floats, sparse blocks of 128 x 128 (its tile; the only size run).
 FLASH_CAPABILITIES, FLASH_DTYPES, FLASH_BLOCK_SIZE = (9, 10, 11), (torch.float16, torch.bfloat16), 128
+#: Head sizes fast LRSA hands to FlashAttention-4. Its interface accepts any multiple of 8 up to 256, but on an H100
+#: (2026-12-07, tests/test_fast.py::test_cuda_model_training_step_matches_reference) head_dim 16 ran and gave WRONG
+#: gradients (k_proj gradient 74% off a float32 run, against 2.7% for bf16 SDPA) while 64 matched; 64, 96 and 128
+#: are the head sizes flash-attention's own SM90 kernels are written for. Other sizes run the Triton kernel.
+FLASH_HEAD_DIMS = (64, 96, 128)
 
 
 def allow_recompiles(limit: int = RECOMPILE_LIMIT) -> None:
@@ -84,16 +88,14 @@ def flash_unavailable_reason(device_index: int | None = None) -> str | None:
     return None
 
 
-def _flash_shape_reason(dtype: torch.dtype | None, head_dim: int | None, block_size: int,
-                        device_index: int | None) -> str | None:
+def _flash_shape_reason(dtype: torch.dtype | None, head_dim: int | None, block_size: int) -> str | None:
     if dtype is not None and dtype not in FLASH_DTYPES:
         return f"dtype {dtype}: FlashAttention-4 runs float16/bfloat16 only"
     if block_size != FLASH_BLOCK_SIZE:
         return f"block_size {block_size}: the FLASH backend runs {FLASH_BLOCK_SIZE} x {FLASH_BLOCK_SIZE} blocks"
-    if head_dim is not None:
-        top = 256 if _capability(device_index)[0] == 9 else 128
-        if head_dim % 8 or not 8 <= head_dim <= top:
-            return f"head_dim {head_dim}: FlashAttention-4 needs a multiple of 8 in [8, {top}] on this GPU"
+    if head_dim is not None and head_dim not in FLASH_HEAD_DIMS:
+        return (f"head_dim {head_dim}: fast LRSA runs FlashAttention-4 for head_dim in {FLASH_HEAD_DIMS} only "
+                "(head_dim 16 gave wrong gradients on an H100)")
     return None
 
 
@@ -132,7 +134,7 @@ def flex_kernel_backend(device: torch.device | str | None = None, dtype: torch.d
     device = torch.device(device)
     reason = "the device is not a CUDA GPU" if device.type != "cuda" else flash_unavailable_reason(device.index)
     if reason is None:
-        reason = _flash_shape_reason(dtype, head_dim, block_size, device.index)
+        reason = _flash_shape_reason(dtype, head_dim, block_size)
     if reason is None:
         return "flash"
     if kernel == "flash":
