@@ -8,7 +8,8 @@ version, the command) and RESULTS_DIR/gpu_check.log (every part's whole output).
 part failed. Parts run longest first, ``--jobs-per-gpu`` at a time on each GPU, each with its share of the CPU
 threads (unit tests use pytest-xdist workers when pytest-xdist is installed). ``--parts units
 notebooks/01_lagkv_step_by_step.ipynb ...`` runs a subset; ``--time-limit S`` stops what still runs after S seconds
-and records it as timed out, with its verbose output so far (which test or cell it was in).
+and records it as timed out, with its verbose output so far (which test or cell it was in) and the counts of the
+tests that had finished (``tests.partial``).
 """
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ def part_command(part: str, junit: Path, workers: int) -> list[str]:
     """pytest for one part, verbose (a part stopped at the time limit shows which test or cell it was in)."""
     base = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", f"--junitxml={junit}"]
     if part == "units":
-        xdist = ["-n", str(workers)] if uses_xdist(part, workers) else []
+        # worksteal: an idle worker takes queued tests from a busy one (the slow CUDA tests otherwise pile up on one)
+        xdist = ["-n", str(workers), "--dist", "worksteal"] if uses_xdist(part, workers) else []
         return base + xdist + ["--durations=25", "tests"]
     return base + NBVAL + [part]
 
@@ -112,7 +114,19 @@ def run_part(part: str, gpu: int, workdir: Path, workers: int, threads: int, dea
     wall = time.time() - start
     return {"part": part, "gpu": gpu, "passed": proc.returncode == 0 and not timed_out, "returncode": proc.returncode,
             "timed_out": timed_out, "wall_s": round(wall, 1), "threads": threads,
-            "tests": None if timed_out else junit_summary(junit), "output": output}
+            "tests": verbose_summary(output) if timed_out else junit_summary(junit), "output": output}
+
+
+def verbose_summary(output: str) -> dict:
+    """Counts of a part stopped before its JUnit report, from its verbose output (pytest -v prints each test's
+    outcome; with xdist as "[gw3] [ 41%] PASSED tests/..."): what had finished when it was stopped."""
+    import re
+
+    counts = {"passed": 0, "failed": 0, "skipped": 0}
+    progress_line = r"^(?:\[gw\d+\] \[\s*\d+%\] (PASSED|FAILED|ERROR|SKIPPED) |\S+::.* (PASSED|FAILED|ERROR|SKIPPED)\s+\[\s*\d+%\]$)"
+    for outcome in (a or b for a, b in re.findall(progress_line, output, flags=re.M)):
+        counts["failed" if outcome in ("FAILED", "ERROR") else outcome.lower()] += 1
+    return {**counts, "partial": True}
 
 
 #: Parts running now. Each runs in its own process group (so that a time limit can stop its notebook kernels too),

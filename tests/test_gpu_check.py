@@ -35,12 +35,14 @@ def test_gpu_check_refuses_without_cuda_and_reads_junit(tmp_path):
 
 def test_a_part_past_the_time_limit_is_stopped_and_recorded(tmp_path, monkeypatch):
     gpu_check = import_gpu_check()
-    script = "import os, sys, time; print('threads', os.environ['OMP_NUM_THREADS'], flush=True); time.sleep(float(sys.argv[1]))"
+    script = ("import os, sys, time; print('threads', os.environ['OMP_NUM_THREADS'], flush=True); "
+              "print('[gw0] [ 50%] PASSED tests/test_a.py::test_x', flush=True); time.sleep(float(sys.argv[1]))")
     monkeypatch.setattr(gpu_check, "part_command", lambda part, junit, workers: [sys.executable, "-c", script, part])
     t0 = time.time()
     slow = gpu_check.run_part("60", 0, tmp_path, 1, threads=3, deadline=time.time() + 10)
     assert time.time() - t0 < 30, "stopped at the deadline, not after the part's 60 s"
     assert slow["timed_out"] and not slow["passed"] and "threads 3" in slow["output"]
+    assert slow["tests"] == {"passed": 1, "failed": 0, "skipped": 0, "partial": True}  # what finished before the stop
     assert gpu_check.outcome(slow) == "TIMED OUT"
     quick = gpu_check.run_part("0", 0, tmp_path, 1, threads=2, deadline=time.time() + 60)
     assert quick["passed"] and not quick["timed_out"] and "threads 2" in quick["output"]
@@ -98,3 +100,16 @@ def test_a_signal_stops_the_running_parts_too():
         gpu_check.RUNNING.discard(part)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def test_verbose_summary_counts_progress_lines_only():
+    """A stopped part's counts come from pytest -v progress lines, with and without xdist; the end-of-run summary
+    ("FAILED tests/...") and test names that contain an outcome word are not counted again."""
+    output = "\n".join([
+        "tests/test_a.py::test_x PASSED                                   [ 25%]",
+        "tests/test_a.py::test_PASSED_name[a b] FAILED                    [ 50%]",
+        "[gw1] [ 75%] SKIPPED tests/test_b.py::test_y ",
+        "[gw0] [100%] ERROR tests/test_b.py::test_z ",
+        "FAILED tests/test_a.py::test_PASSED_name[a b] - assert 1 == 2",
+    ])
+    assert import_gpu_check().verbose_summary(output) == {"passed": 1, "failed": 2, "skipped": 1, "partial": True}
