@@ -106,3 +106,16 @@ def test_summary_mean_and_std_over_seeds():
              "seed": s, "n": 200, "score": v, "kv_fraction": 1.0} for s, v in ((0, 0.5), (1, 0.7), (2, 0.9))]
     (s,) = summarise(rows)
     assert s["mean"] == pytest.approx(0.7) and s["std"] == pytest.approx(0.2) and s["n_seeds"] == 3
+
+
+def test_two_workers_share_one_device_without_doing_a_job_twice(tmp_path):
+    """GPU_IDS="0 0": two workers on one device (on a CPU machine: the CPU) split the jobs through the claims; every
+    job is done exactly once and both workers take some."""
+    done = run_script(tmp_path, GPU_IDS="0 0", SEEDS="0", TASKS="multi_key", SECONDS_LIMIT="1200")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "finetune_suite.json").read_text())
+    assert results["missing"] == [] and results["rows"]
+    finished = re.findall(r"\[worker (\d) [\d:]+\] (\S+): done in", done.stdout)
+    jobs = [job for _, job in finished]
+    assert len(jobs) == len(set(jobs)) == len(results["timings"]) - sum(j.startswith("data/") for j in results["timings"])
+    assert {worker for worker, _ in finished} == {"0", "1"}
