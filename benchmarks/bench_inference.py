@@ -33,7 +33,9 @@ Reported per row (keys as bench_lrsa's former inference rows, plus more):
   bandwidth_fraction (bytes a step must read: weights + the K/V of the tokens stored, over step time x measured
   copy bandwidth), host_syncs_per_step (torch.profiler: aten::_local_scalar_dense and CUDA synchronize calls),
   and "fit": the largest batch of sequences of the longest prompt whose caches fit in 100 GiB, computed from the
-  measured allocated bytes per sequence (cache buffers only).
+  measured allocated bytes per sequence (cache buffers only). ``--fit-only N`` computes only that, for N-token
+  prompts, from both caches allocated on the CPU (no GPU needed: the buffer sizes do not depend on the device;
+  at 16,384 tokens it gives the H200 run's bytes exactly, tested).
 """
 from __future__ import annotations
 
@@ -368,6 +370,33 @@ def fit_summary(rows: list[dict]) -> dict:
             "max_batch_full": full, "max_batch_lagkv": lag, "ratio": lag / max(full, 1)}
 
 
+def allocated_fit(prompt_len: int, cfg: LagConfig, args, shapes: dict, dtype: torch.dtype) -> dict:
+    """`fit_summary` for one prompt length without timing anything: both caches (sized as `run_mode` sizes them)
+    receive one zero prompt per layer on the CPU and their allocated buffers are counted. Buffer sizes depend on the
+    shapes, the dtype and the LagConfig only, not on the device or the values, so this is the number a GPU run
+    measures (the 16,384-token case is checked against the committed H200 run in tests)."""
+    from transformers import LlamaConfig, StaticCache
+
+    config = LlamaConfig(**shapes)
+    max_len = prompt_len + args.warmup_steps + args.new_tokens + args.sync_steps + 1
+    h_kv, d = config.num_key_value_heads, config.head_dim
+    zeros = torch.zeros(1, h_kv, prompt_len, d, dtype=dtype)
+    per_sequence = {}
+    for mode in ("full_cache_sdpa", LAGKV):
+        cache = (StaticLagKVCache(config, max_len, cfg, compiled_selection=False) if mode == LAGKV
+                 else StaticCache(config=config, max_cache_len=max_len))
+        with torch.no_grad():
+            for layer in range(config.num_hidden_layers):
+                cache.update(zeros, zeros, layer, {"cache_position": torch.arange(prompt_len)})
+        per_sequence[mode] = cache_bytes(cache)
+        del cache
+    row = {"prompt_len": prompt_len, "batch": 1, "new_tokens": args.new_tokens,
+           **{m: {"kv_bytes_per_sequence": b} for m, b in per_sequence.items()}}
+    return {**fit_summary([row]), "how": "floor(100 GiB / allocated cache bytes per sequence; buffers allocated on "
+                                          "the CPU for this length (--fit-only), sized as the timed run sizes them: "
+                                          "K, V (and int32 positions for LagKV), no weights or activations)"}
+
+
 def parse_cases(text: str) -> list[tuple[int, int]]:
     try:
         cases = [tuple(int(x) for x in c.split("x")) for c in text.split(",")]
@@ -400,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--check-prompt", type=int, default=2048)
     ap.add_argument("--check-steps", type=int, default=32, help="eager vs compiled token check (0: skip)")
     ap.add_argument("--ratio", type=float, default=0.25)
+    ap.add_argument("--fit-only", type=int, default=0, metavar="N",
+                    help="only the 100 GiB fit for N-token prompts, from buffers allocated on the CPU (no GPU needed)")
     return ap
 
 
@@ -415,6 +446,8 @@ def normalize_args(args: argparse.Namespace) -> argparse.Namespace:
     unknown = set(args.modes) - set(MODES)
     if unknown or LAGKV not in args.modes:
         raise ValueError(f"--modes: accepted {MODES} (with {LAGKV}), got {args.modes}")
+    if getattr(args, "fit_only", 0) < 0:
+        raise ValueError(f"--fit-only must be a prompt length >= 1 (0: off), got {args.fit_only}")
     if isinstance(args.compile, str) and args.compile in ("auto", "off"):
         args.compile = args.compile == "auto"
     return args
@@ -431,6 +464,17 @@ def inference_args(argv: list[str] | None = None, **overrides) -> argparse.Names
 def main(argv=None) -> int:
     args = normalize_args(build_parser().parse_args(argv))
     cases = parse_cases(args.cases)
+    if args.fit_only:
+        shapes, dtype = (SMOKE, torch.float32) if args.smoke else (SMOLLM2, torch.bfloat16)
+        cfg = LagConfig(4, 16, args.ratio) if args.smoke else LagConfig(16, 128, args.ratio)
+        fit = allocated_fit(args.fit_only, cfg, args, shapes, dtype)
+        result = {"command": command_line(argv), "environment": environment_record(), "device": "cpu",
+                  "model_shapes": shapes, "dtype": str(dtype), "lag_config": cfg.to_dict(), "inference": {"fit": fit}}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+        log(f"fit {fit['prompt_len']}-token sequences in 100 GiB: full {fit['max_batch_full']}, LagKV "
+            f"{fit['max_batch_lagkv']} ({fit['ratio']:.2f}x)")
+        return 0
     if args.smoke:
         device, dtype, shapes = torch.device("cpu"), torch.float32, SMOKE
         cfg = LagConfig(4, 16, args.ratio)

@@ -426,6 +426,30 @@ def test_committed_inference_runs_merge_into_one_result(tmp_path):
         merge_inference_results([paths[0], tmp_path / "other.json"])
 
 
+def test_fit_from_buffers_allocated_on_the_cpu_equals_the_h200_measurement(tmp_path):
+    """`bench_inference.py --fit-only N`: both caches allocated on the CPU for SmolLM2's shapes give exactly the
+    bytes per sequence the committed H200 run measured at 16,384 tokens (buffer sizes do not depend on the device),
+    and the committed 32k fit file is what the script writes for 32,768 tokens."""
+    bench_inference = import_script("benchmarks", "bench_inference")
+    committed = json.loads((ROOT / "data" / "results" / "bench_h200_x2" / "bench_inference_b1.json").read_text())
+    measured = committed["inference"]["fit"]
+    out = tmp_path / "fit.json"
+    assert bench_inference.main(["--fit-only", "16384", "--out", str(out)]) == 0
+    fit = json.loads(out.read_text())["inference"]["fit"]
+    for key in ("bytes_per_sequence_full", "bytes_per_sequence_lagkv", "max_batch_full", "max_batch_lagkv"):
+        assert fit[key] == measured[key], key
+    at_32k = json.loads((ROOT / "data" / "results" / "bench_inference_fit_32k.json").read_text())
+    assert at_32k["command"] == "PYTHONPATH=. python3 benchmarks/bench_inference.py --fit-only 32768 --out " \
+                                "data/results/bench_inference_fit_32k.json"
+    assert at_32k["inference"]["fit"]["prompt_len"] == 32768
+    assert at_32k["inference"]["fit"]["ratio"] == at_32k["inference"]["fit"]["max_batch_lagkv"] / \
+        at_32k["inference"]["fit"]["max_batch_full"]
+    with pytest.raises(SystemExit):  # argparse: not an integer
+        bench_inference.main(["--fit-only", "many", "--out", str(out)])
+    with pytest.raises(ValueError, match="--fit-only must be a prompt length >= 1"):
+        bench_inference.main(["--fit-only", "-5", "--out", str(out)])
+
+
 # --------------------------------------------------------------------------------- compression scheduled on the host
 @pytest.mark.parametrize("compiled", [False, True])
 def test_host_scheduled_compression_keeps_the_same_tokens_and_positions_with_fewer_compressions(model, compiled):
