@@ -11,9 +11,9 @@ Settings (each a row of the results table, per model):
   that pass selected, decoding over it (``chunked_prefill="parallel"``, the default on CUDA): by METHOD §3 it equals
   chunk-by-chunk prefill given the same selections, so the greedy tokens agree up to near-ties of the nearly flat
   scores (equal on CPU in float32, tested). The baselines have no parallel form: they always go chunk by chunk.
-  On CUDA that pass runs compiled static-shape kernels, so each batch is padded to a power of two of rows
-  (`parallel_batch_rows`; copies of its last prompt, dropped after): a few shapes compile once for every seed, task
-  and model, instead of again for the data-dependent batch sizes of every test file.
+  On CUDA that pass runs compiled static-shape kernels, so each batch is padded to the evaluation's batch size
+  (`parallel_batch_rows`; copies of its last prompt, dropped after): one shape per prompt length compiles once for
+  every seed, task and model, instead of again for the data-dependent batch sizes of every test file.
 - ``<policy>/one_shot`` at ratio r: an exact prefill of the chat header + document, compressed once
   (``LagKVCache(mode="one_shot")``); the question and the answer are appended uncompressed.
 Policies: ``lagkv``; the same-budget baselines ``streaming`` (StreamingLLM: sink + most recent), ``random`` and
@@ -247,17 +247,20 @@ def _greedy_decode(model, logits: torch.Tensor, cache, max_new_tokens: int, eos_
 def parallel_batch_rows(rows: int, device: torch.device | str, max_rows: int | None = None) -> int:
     """Rows the parallel prefill of a batch of ``rows`` prompts on ``device`` runs with.
 
-    Where it runs compiled static-shape kernels (the flex LRSA backend: CUDA), the next power of two, at most
-    ``max_rows`` (the evaluation's batch size, its memory budget) and at least ``rows``: every kernel compiles once
-    per (rows, block count, LagConfig), so batch sizes that depend on the data (how many prompts share a length, the
-    last batch of a group) would compile again for every new test file; with power-of-two rows all seeds, tasks and
-    models share a few shapes. Elsewhere (the reference backend, nothing compiled): ``rows``.
+    Where it runs compiled static-shape kernels (the flex LRSA backend: CUDA), every kernel compiles once per (rows,
+    block count, LagConfig), so batch sizes that depend on the data (how many prompts share a length, the last batch
+    of a group) would compile again for every new test file. With ``max_rows`` (the evaluation's batch size, its
+    memory budget) every batch runs with exactly that many rows (or ``rows`` if more): ONE shape per prompt length
+    bucket for all seeds, tasks and models (power-of-two rows, the former rule, still made four shapes per length in
+    the task suite: 16, 32, 64 and 128 rows at 4,000 tokens). Without ``max_rows``: the next power of two. Elsewhere
+    (the reference backend, nothing compiled): ``rows``.
     """
     check_int("rows", rows, 1)
     if resolve_backend("auto", device) != "flex":
         return rows
-    padded = 1 << (rows - 1).bit_length()
-    return max(rows, min(padded, max_rows)) if max_rows is not None else padded
+    if max_rows is not None:
+        return max(rows, check_int("max_rows", max_rows, 1))
+    return 1 << (rows - 1).bit_length()
 
 
 def _parallel_answers(model, input_ids: torch.Tensor, config: LagConfig, max_new_tokens: int,
@@ -296,8 +299,8 @@ def greedy_answers(model, input_ids: torch.Tensor, context_end: int, setting: Se
             chunk through a `LagKVCache`), ``"parallel"`` (one parallel LRSA forward into a `StaticLagKVCache`;
             needs a model family LRSA supports) or ``"auto"`` (parallel when ``input_ids`` is on CUDA). Other
             policies' chunked settings always go chunk by chunk (`prefill_of`).
-        max_rows: the most rows a batch of this evaluation has; a parallel prefill on CUDA pads the batch to a
-            power of two of rows, never past this (`parallel_batch_rows`). None: no limit.
+        max_rows: the most rows a batch of this evaluation has; a parallel prefill on CUDA pads the batch to
+            this many rows (`parallel_batch_rows`). None: to a power of two.
     Returns:
         (new tokens [B, T] with T <= max_new_tokens, eos_token_id after a row's end; kv_fraction = stored / seen
         tokens averaged over layers once the prompt is read).

@@ -49,7 +49,8 @@ LAG=${LAG:-128}
 TRAIN_RATIO=${TRAIN_RATIO:-0.25}
 RATIOS=${RATIOS:-0.5 0.25 0.125}
 BASELINES=${BASELINES:-streaming random snapkv}
-EVAL_BATCH_TOKENS=${EVAL_BATCH_TOKENS:-819200}   # evaluation batch = this / prompt length (100 at 8k, 200 at 4k)
+EVAL_BATCH_TOKENS=${EVAL_BATCH_TOKENS:-262144}   # evaluation batch = this / (prompt length + 64): 64 at 4k, 32 at 8k;
+                                                 # every LagKV parallel prefill pads to it (one compiled shape per length)
 LRSA_BACKEND=${LRSA_BACKEND:-auto}      # auto: flex (FlexAttention) on CUDA
 DATA_WORKERS=${DATA_WORKERS:-$(( $(nproc) > 4 ? $(nproc) - 4 : 1 ))}
 # the GPUs the workers use: GPU_IDS (e.g. "1" or "1,2"), else the inherited CUDA_VISIBLE_DEVICES, else all

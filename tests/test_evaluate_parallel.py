@@ -211,15 +211,18 @@ def test_compiled_one_shot_selection_on_padded_blocks_equals_the_reference():
 
 
 def test_parallel_batch_rows():
-    """Powers of two on CUDA, never past the batch size (and never fewer than the rows); unchanged elsewhere."""
+    """On CUDA: exactly the batch size when one is given (one compiled shape whatever the data), never fewer than
+    the rows; a power of two without one; unchanged elsewhere."""
     from lrsa_viz.evaluate import parallel_batch_rows
 
-    assert [parallel_batch_rows(b, "cuda", 201) for b in (1, 2, 3, 11, 17, 49, 50, 56, 64, 65, 130, 201)] == \
-        [1, 2, 4, 16, 32, 64, 64, 64, 64, 128, 201, 201]
-    assert parallel_batch_rows(5, "cuda") == 8 and parallel_batch_rows(5, "cuda", 4) == 5
-    assert parallel_batch_rows(50, "cpu", 201) == 50
+    assert {parallel_batch_rows(b, "cuda", 64) for b in (1, 2, 3, 11, 17, 49, 50, 56, 64)} == {64}
+    assert parallel_batch_rows(65, "cuda", 64) == 65
+    assert [parallel_batch_rows(b, "cuda") for b in (1, 3, 5, 64, 65)] == [1, 4, 8, 64, 128]
+    assert parallel_batch_rows(50, "cpu", 201) == 50 and parallel_batch_rows(50, "cpu") == 50
     with pytest.raises(ValueError, match="rows"):
         parallel_batch_rows(0, "cuda")
+    with pytest.raises(ValueError, match="max_rows"):
+        parallel_batch_rows(3, "cuda", 0)
 
 
 def test_compiled_kernels_compile_once_per_shape_bucket_whatever_the_model_object(tiny_lm, cuda_paths_on_cpu):
@@ -228,8 +231,9 @@ def test_compiled_kernels_compile_once_per_shape_bucket_whatever_the_model_objec
     FlexAttention) compiled for every new (batch rows, prompt length, LagConfig), and the base model always ran
     first on each seed's test file, whose groups of equal-length prompts have their own sizes (single_needle at
     4000 tokens: 50 + 17 rows for seed 0, 56 + 11 for seed 1, 49 + 18 for seed 2). Nothing is cached per model
-    object. Now the cache's selection runs the attention's compiled graph (K/V padded to whole blocks) and batches
-    are padded to power-of-two rows: a second "seed" with other group sizes and lengths compiles nothing."""
+    object. Now the cache's selection runs the attention's compiled graph (K/V padded to whole blocks) and every
+    batch is padded to the evaluation's batch size (``max_rows``): one shape per block count, and a second "seed"
+    with other group sizes and lengths compiles nothing."""
     counts = cuda_paths_on_cpu
     cfg = LagConfig(4, 16, 0.25)
     setting = Setting("lagkv", "chunked", cfg.ratio)
@@ -244,7 +248,7 @@ def test_compiled_kernels_compile_once_per_shape_bucket_whatever_the_model_objec
         return tokens
 
     first = {(rows, n): run(tiny_lm, rows, n) for rows, n in ((3, 150), (2, 149))}  # "seed 0": 3 + 2 rows
-    assert dict(counts) == {"compact_positions": 2, "flex_attention": 2}, "4 rows and 2 rows, one block count"
+    assert dict(counts) == {"compact_positions": 1, "flex_attention": 1}, "3 and 2 rows both run as 8, one block count"
     for (rows, n), tokens in first.items():  # the padding rows change nothing: the tokens of chunk by chunk
         chunks, _ = greedy_answers(tiny_lm, prompts[:rows, :n], n - 5, setting, cfg, 4, -1, chunked_prefill="chunks")
         assert tokens.tolist() == chunks.tolist()
@@ -252,8 +256,8 @@ def test_compiled_kernels_compile_once_per_shape_bucket_whatever_the_model_objec
     assert other is not tiny_lm
     assert all(run(other, rows, n).tolist() == tokens.tolist() for (rows, n), tokens in first.items())
     for rows, n in ((4, 147), (2, 150), (3, 135)):  # "seed 1": other group sizes and lengths (135: one partition
-        run(tiny_lm, rows, n)                         # fewer), the same row buckets and block count
-    assert dict(counts) == {"compact_positions": 2, "flex_attention": 2}, "nothing compiled again"
+        run(tiny_lm, rows, n)                         # fewer), the same rows (8) and block count
+    assert dict(counts) == {"compact_positions": 1, "flex_attention": 1}, "nothing compiled again"
     assert tiny_lm.config._attn_implementation == "sdpa"
 
 

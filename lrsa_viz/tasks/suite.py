@@ -73,7 +73,7 @@ class SuiteConfig:
     train_ratio: float = 0.25
     ratios: tuple[float, ...] = (0.5, 0.25, 0.125)
     baselines: tuple[str, ...] = ("streaming", "random", "snapkv")
-    eval_batch_tokens: int = 819200
+    eval_batch_tokens: int = 262144  # 64 rows at 4k, 32 at 8k: every parallel prefill pads to this (one shape)
     lrsa_backend: str = "auto"
     prose_fraction: float = 0.5
     reductions: tuple[str, ...] = ()
