@@ -40,8 +40,9 @@ FLASH_CAPABILITIES, FLASH_DTYPES, FLASH_BLOCK_SIZE = (9, 10, 11), (torch.float16
 #: Head sizes fast LRSA hands to FlashAttention-4: only those checked on a GPU against the reference (outputs and
 #: gradients). Its interface accepts any multiple of 8 up to 256, but on an H100 (2026-12-07,
 #: tests/test_fast.py::test_cuda_model_training_step_matches_reference) head_dim 16 ran and gave WRONG gradients
-#: (k_proj gradient 74% off a float32 run, against 2.7% for bf16 SDPA) while 64 (SmolLM2's) matched on an H100 and
-#: an H200. Other sizes (96 and 128 included, until checked) run the Triton kernel.
+#: (k_proj gradient 74% off a float32 run, against 2.7% for bf16 SDPA) while 64 (SmolLM2's) matched: that model-level
+#: step on an H100, the attention's outputs and gradients on an H200 (data/results/bench_lrsa_h200_correctness.json).
+#: Other sizes (96 and 128 included, until checked) run the Triton kernel.
 FLASH_HEAD_DIMS = (64,)
 
 
