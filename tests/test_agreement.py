@@ -1,4 +1,5 @@
 """Free-run comparison (lrsa_viz.agreement) and the forced-selection plumbing, on synthetic scores and the tiny model."""
+import pytest
 import torch
 
 from lrsa_viz import LagConfig, chunked_prefill
@@ -124,3 +125,24 @@ def test_chunked_prefill_rejects_a_cache_it_cannot_fill(tiny):
         chunked_prefill(tiny, ids, CFG, cache=LagKVCache(CFG, mode="one_shot"))
     with pytest.raises(ValueError, match="not both"):
         chunked_prefill(tiny, ids, CFG, policy="random", cache=LagKVCache(CFG))
+
+
+def test_free_run_guard_of_the_exact_tests(monkeypatch):
+    """tests/helpers.skip_unless_free_runs_agree: no flip, nothing happens (the exact comparison runs); flips that
+    are all near-ties skip it; a flip that is not a near-tie fails."""
+    import types
+
+    import lrsa_viz.agreement as agreement_module
+    from helpers import skip_unless_free_runs_agree
+
+    def fake(n_flips, near):
+        return lambda *a: types.SimpleNamespace(n_flips=n_flips, all_near_ties=lambda: near, summary=lambda: "s")
+
+    monkeypatch.setattr(agreement_module, "compare_selections", fake(0, True))
+    assert skip_unless_free_runs_agree(None, None, None) is None
+    monkeypatch.setattr(agreement_module, "compare_selections", fake(2, True))
+    with pytest.raises(pytest.skip.Exception, match="near-ties on this machine"):
+        skip_unless_free_runs_agree(None, None, None)
+    monkeypatch.setattr(agreement_module, "compare_selections", fake(1, False))
+    with pytest.raises(AssertionError):
+        skip_unless_free_runs_agree(None, None, None)

@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import ROOT, import_script
+from helpers import ROOT, import_script, skip_unless_free_runs_agree
 from lrsa_viz import LagConfig, LagKVCache, chunked_prefill, compressed_generate, tiny_model
 from lrsa_viz.fast.decode import DEFAULT_KERNEL, KERNELS, buffer_attention, slot_mask
 from lrsa_viz.static_cache import StaticLagKVCache, cache_capacity, compressed_partitions, stored_length
@@ -179,10 +179,19 @@ def test_one_pass_prefill_equals_chunked_prefill(model, cfg):
 
 
 def test_smollm2_static_generate_equals_the_teaching_path(smollm2):
-    """SmolLM2-135M on a real text: the same greedy tokens and kept positions as chunked prefill + LagKVCache."""
+    """SmolLM2-135M on a real text: the same greedy tokens and kept positions as chunked prefill + LagKVCache.
+
+    Free runs (METHOD §3): SmolLM2's scores are flat, and on this text the closest top-k boundary is only ~7x the
+    score drift between the two passes measured on the project's CPU (gap 1.0e-7, drift 1.5e-8; 13 of 720 boundaries
+    under 1e-6). Another CPU's rounding can flip such a near-tie, and then tokens and positions may legitimately
+    differ: the test first compares the prompt's selections and, if any flipped, asserts that every flip is a
+    near-tie (`SelectionAgreement.all_near_ties`) instead of equality. No compression happens while decoding
+    (600 + 20 tokens complete no new partition of L = 64), so the prompt's selections are all there is to compare."""
     model, tok = smollm2
     cfg = LagConfig(16, 64, 0.25)
     ids = tok((ROOT / "data" / "passages" / "kv_cache_notes.txt").read_text(), return_tensors="pt").input_ids[:, :600]
+    assert cfg.num_partitions(600) == cfg.num_partitions(620), "no compression while decoding (see above)"
+    skip_unless_free_runs_agree(model, ids, cfg)
     out, cache = static_generate(model, ids, cfg, 20, return_cache=True)
     model.generation_config.eos_token_id, eos = None, model.generation_config.eos_token_id
     try:
