@@ -46,9 +46,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from lrsa_viz import LagConfig, LagKVCache, cast_model, disable_lrsa, enable_lrsa, environment_record
 from lrsa_viz.fast import compact_positions, compiled_compact_positions, fast_lrsa_attention
 from lrsa_viz.fast.cost import SMOLLM2_CONFIG, attention_flops, dense_causal_pairs, lrsa_tiles, lrsa_visible_pairs
-from lrsa_viz.fast.kernel import (KERNEL_ENV, allow_recompiles, compiled_flex_attention, flash_unavailable_reason,
-                                  flex_kernel_backend, kernel_report)
-from lrsa_viz.fast.layout import ALIGN_QUERIES, LrsaLayout, layout_kv, lrsa_block_mask, pad_queries
+from lrsa_viz.fast.kernel import (KERNEL_ENV, allow_recompiles, compiled_flex_attention, fast_options,
+                                  flash_unavailable_reason, flex_kernel_backend, kernel_report)
+from lrsa_viz.fast.layout import LrsaLayout, layout_kv, lrsa_block_mask, pad_queries
 from lrsa_viz.fast.timing import count_host_syncs, median_time
 from lrsa_viz.mask import visibility_from_keep
 from lrsa_viz.scoring import keep_mask, lagkv_keep_indices
@@ -274,7 +274,7 @@ def bench_attention(seq_lens, ratios, tokens, peak, kernels, on_row=None) -> lis
             ff = attention_flops(pairs, HEADS_Q, HEAD_DIM) * batch
             ffb = attention_flops(pairs, HEADS_Q, HEAD_DIM, backward=True) * batch
             t = lrsa_timing(q, k, v, grad_out, cfg, fastest, kernel=kernels[0])
-            entry = {**t, "kernel": kernels[0], "align_queries": ALIGN_QUERIES, "visible_pairs_per_head": pairs,
+            entry = {**t, "kernel": kernels[0], "align_queries": fast_options().align_queries, "visible_pairs_per_head": pairs,
                      "tiles": lrsa_tiles(n, cfg), "bound_s": {"fwd": ff / peak, "fwd_bwd": ffb / peak},
                      "tflops_useful": {p: (ff if p == "fwd" else ffb) / t[p]["median_s"] / 1e12 for p in RUN["passes"]}}
             if ratio == ratios[0]:  # components: selection alone; the FlexAttention call alone on prebuilt buffers
@@ -298,7 +298,7 @@ def bench_attention(seq_lens, ratios, tokens, peak, kernels, on_row=None) -> lis
 def attention_components(q, k, v, grad_out, cfg, kernel) -> dict:
     """Selection alone, and the FlexAttention call alone on prebuilt (query, key, value) buffers."""
     n = q.shape[2]
-    layout = LrsaLayout.of(n, cfg, align_queries=ALIGN_QUERIES)
+    layout = LrsaLayout.of(n, cfg, align_queries=fast_options().align_queries)
     bm = lrsa_block_mask(layout, q.device)
     select = compiled_compact_positions() if RUN["device"] == "cuda" else None
     if select is None:
@@ -609,11 +609,12 @@ def main(argv=None) -> int:
         print(f"--sections: unknown {unknown}; accepted: {', '.join(SECTIONS)}", file=sys.stderr)
         return 2
     kernels = available_kernels()
+    options = fast_options()  # LRSA_VIZ_FUSED_REGION / LRSA_VIZ_ALIGN_QUERIES, as the sections will run them
     result = {"command": "PYTHONPATH=. python3 " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
               "environment": environment_record(), "git_commit": git_commit(),
               "gpu": torch.cuda.get_device_name(0) if RUN["device"] == "cuda" else "cpu (--smoke)",
               "kernel": kernel_report(RUN["device"]), "kernels_compared": kernels,
-              "fast_options": {"align_queries": ALIGN_QUERIES, "fused": False},
+              "fast_options": {"align_queries": options.align_queries, "fused": options.fused},
               "shapes": {"heads_q": HEADS_Q, "heads_kv": HEADS_KV, "head_dim": HEAD_DIM,
                          "dtype": str(RUN["dtype"]).removeprefix("torch.")},
               "lag_config": {"sink_size": 16, "lag_size": 128, "ratios": ratios},

@@ -656,7 +656,7 @@ def test_cuda_sync_counter_counts():
     assert count_host_syncs(lambda: [x.sum().item() for _ in range(3)]) == 3
 
 
-def test_benchmark_smoke_run(tmp_path):
+def test_benchmark_smoke_run(tmp_path, monkeypatch):
     """benchmarks/bench_lrsa.py --smoke: the correctness, attention, variants and training code paths on the CPU
     (tiny shapes, forward-only attention, reference-backend training), JSON written with the expected keys."""
     import importlib.util
@@ -680,7 +680,15 @@ def test_benchmark_smoke_run(tmp_path):
     assert set(result["variants"][0]["triton"]) == {"default", "unaligned", "fused"}
     (train,) = result["training"]
     assert train["dense_sdpa"]["tokens_per_s"] > 0 and train["lrsa_reference"]["tokens_per_s"] > 0
+    assert result["fast_options"] == {"align_queries": FastOptions().align_queries, "fused": False}
     assert bench.main(["--smoke", "--out", str(out), "--sections", "attention,nonsense"]) == 2
+
+    # the record says how the sections really ran (options from the environment)
+    monkeypatch.setenv("LRSA_VIZ_ALIGN_QUERIES", "0")
+    assert bench.main(["--smoke", "--out", str(out), "--sections", "attention"]) == 0
+    result = json.loads(out.read_text())
+    assert result["fast_options"]["align_queries"] is False and result["attention"][0]["lrsa"]["0.25"]["align_queries"] is False
+    monkeypatch.delenv("LRSA_VIZ_ALIGN_QUERIES")
 
     # a section that breaks (or is killed) after its first length keeps that length's row on disk
     real_timing = bench.lrsa_timing
