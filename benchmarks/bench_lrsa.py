@@ -274,8 +274,9 @@ def bench_attention(seq_lens, ratios, tokens, peak, kernels, on_row=None) -> lis
             ff = attention_flops(pairs, HEADS_Q, HEAD_DIM) * batch
             ffb = attention_flops(pairs, HEADS_Q, HEAD_DIM, backward=True) * batch
             t = lrsa_timing(q, k, v, grad_out, cfg, fastest, kernel=kernels[0])
-            entry = {**t, "kernel": kernels[0], "align_queries": fast_options().align_queries, "visible_pairs_per_head": pairs,
-                     "tiles": lrsa_tiles(n, cfg), "bound_s": {"fwd": ff / peak, "fwd_bwd": ffb / peak},
+            entry = {**t, "kernel": kernels[0], "align_queries": fast_options().align_queries,
+                     "visible_pairs_per_head": pairs, "tiles": lrsa_tiles(n, cfg),
+                     "bound_s": {"fwd": ff / peak, "fwd_bwd": ffb / peak},
                      "tflops_useful": {p: (ff if p == "fwd" else ffb) / t[p]["median_s"] / 1e12 for p in RUN["passes"]}}
             if ratio == ratios[0]:  # components: selection alone; the FlexAttention call alone on prebuilt buffers
                 entry.update(attention_components(q, k, v, grad_out, cfg, kernels[0]))
