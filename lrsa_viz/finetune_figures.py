@@ -290,6 +290,78 @@ def suite_task_figure(summary: Sequence[dict], task: str,
     return fig
 
 
+def score_kept(rows: Sequence[dict], setting: str = "lagkv/chunked",
+               models: Sequence[str] = ("full", "lrsa")) -> list[dict]:
+    """How much of each model's OWN full-cache score a compressed ``setting`` keeps (robustness, separated from how
+    well the model learnt the task), per (task, context length, model, ratio).
+
+    Args:
+        rows: suite result rows (task, context_tokens, seed, model, setting, ratio, score, kv_fraction).
+    Returns:
+        dicts with task, context_tokens, model, ratio, ``kept`` = mean score under ``setting`` / mean full-cache score
+        (means over the seeds present in both; None if that full-cache mean is 0), ``per_seed``: the same ratio
+        seed by seed (None where a seed's full-cache score is 0), ``seeds`` and ``kv_fraction`` (mean measured share).
+    """
+    full = {(r["task"], r["context_tokens"], r["model"], r["seed"]): r["score"] for r in rows if r["setting"] == "full"}
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["setting"] == setting and r["model"] in models:
+            groups.setdefault((r["task"], r["context_tokens"], r["model"], r["ratio"]), []).append(r)
+    if not groups:
+        raise ValueError(f"setting: no rows of {setting!r} for models {list(models)}")
+    out = []
+    for (task, ctx, model, ratio), mine in groups.items():
+        pairs = sorted((r["seed"], r["score"], full[task, ctx, model, r["seed"]]) for r in mine
+                       if (task, ctx, model, r["seed"]) in full)
+        if not pairs:
+            raise ValueError(f"rows: no full-cache row for {task} at {ctx} tokens, model {model}")
+        full_mean = statistics.fmean(f for _, _, f in pairs)
+        out.append(dict(task=task, context_tokens=ctx, model=model, ratio=ratio, seeds=[s for s, _, _ in pairs],
+                        kept=statistics.fmean(x for _, x, _ in pairs) / full_mean if full_mean else None,
+                        per_seed=[x / f if f else None for _, x, f in pairs],
+                        kv_fraction=statistics.fmean(r["kv_fraction"] for r in mine)))
+    return sorted(out, key=lambda d: (d["task"], d["context_tokens"], d["model"], -d["ratio"]))
+
+
+def score_kept_figure(rows: Sequence[dict], setting: str = "lagkv/chunked",
+                      models: Sequence[str] = ("full", "lrsa")) -> go.Figure:
+    """`score_kept` drawn: one panel per task, the share of the model's own full-cache score (1 at the full cache)
+    against the measured KV share; a colour per model, a line style per context length, each seed as a faint dot."""
+    kept = score_kept(rows, setting, models)
+    tasks = list(dict.fromkeys(d["task"] for d in kept))
+    contexts = sorted({d["context_tokens"] for d in kept})
+    dashes = dict(zip(contexts, ("solid", "dash", "dot", "dashdot")))
+    fig = make_subplots(rows=1, cols=len(tasks), shared_yaxes=True, subplot_titles=tasks, horizontal_spacing=0.05)
+    for col, task in enumerate(tasks, start=1):
+        for i, model in enumerate(models):
+            for ctx in contexts:
+                pts = [d for d in kept if d["task"] == task and d["model"] == model and d["context_tokens"] == ctx
+                       and d["kept"] is not None]
+                if not pts:
+                    continue
+                name = f"{MODEL_NAMES.get(model, model)}, {ctx} tokens"
+                colour = _colour(model, i)
+                fig.add_trace(go.Scatter(
+                    x=[1.0] + [d["kv_fraction"] for d in pts], y=[1.0] + [d["kept"] for d in pts],
+                    mode="lines+markers", name=name, legendgroup=name, showlegend=col == 1,
+                    line=dict(color=colour, dash=dashes[ctx], width=2),
+                    customdata=[("full KV", 1.0)] + [(f"r={d['ratio']:g}", d["kv_fraction"]) for d in pts],
+                    hovertemplate=f"{name}<br>%{{customdata[0]}}, %{{x:.2f}} of the cache kept<br>"
+                                  "%{y:.2f} of its own full-cache score<extra></extra>"), row=1, col=col)
+                seeds = [(d["kv_fraction"], v) for d in pts for v in d["per_seed"] if v is not None]
+                fig.add_trace(go.Scatter(
+                    x=[x for x, _ in seeds], y=[v for _, v in seeds], mode="markers", name=f"{name}, per seed",
+                    legendgroup=name, showlegend=False, opacity=0.35, marker=dict(color=colour, size=6),
+                    hovertemplate=f"{name}, one seed: %{{y:.2f}}<extra></extra>"), row=1, col=col)
+        fig.update_xaxes(range=[1.05, 0], title_text="KV cache kept (measured)", row=1, col=col)
+    fig.update_yaxes(rangemode="tozero", title_text="share of the model's own full-cache score", col=1)
+    fig.update_layout(title=f"{SETTING_TITLES.get(setting, setting)}: how much of its own full-cache score each "
+                            "fine-tune keeps (line: ratio of seed means; dots: each seed)",
+                      template="plotly_white", height=480,
+                      legend=dict(orientation="h", yanchor="top", y=-0.2, x=0))
+    return fig
+
+
 def prose_loss_figure(prose: Sequence[dict]) -> go.Figure:
     """Language-model loss on held-out prose (full cache) per model: mean over seeds, bars ± 1 std, seeds as dots."""
     if not prose:

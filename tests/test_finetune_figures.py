@@ -7,7 +7,8 @@ import pytest
 from lrsa_viz.evaluate import read_results
 from lrsa_viz.finetune_figures import (ERROR_KINDS, accuracy_by_depth_figure, accuracy_vs_ratio_figure,
                                       compression_label, error_breakdown, error_breakdown_figure, error_kind,
-                                      loss_curves_figure, prose_loss_figure, suite_task_figure)
+                                      loss_curves_figure, prose_loss_figure, score_kept, score_kept_figure,
+                                      suite_task_figure)
 from lrsa_viz.qa_data import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,6 +117,46 @@ def fake_summary():
                                     metric="exact_match", mean=base * r, std=0.05, kv_fraction=kv, n_seeds=3,
                                     n_per_seed=100))
     return out
+
+
+def fake_suite_rows():
+    """Two tasks, one length, two seeds: full-cache scores 0.8/0.4 (full) and 0.5/0.0 (LRSA, seed 1 scores 0)."""
+    full_scores = {("full", 0): 0.8, ("full", 1): 0.4, ("lrsa", 0): 0.5, ("lrsa", 1): 0.0}
+    rows = []
+    for task in ("multi_key", "variable_tracking"):
+        for (model, seed), f in full_scores.items():
+            common = dict(task=task, context_tokens=4000, seed=seed, model=model)
+            rows.append(dict(common, setting="full", ratio=1.0, score=f, kv_fraction=1.0))
+            for r, kv in ((0.5, 0.54), (0.25, 0.30 + 0.01 * seed)):
+                rows.append(dict(common, setting="lagkv/chunked", ratio=r, score=f * r + 0.1 * seed, kv_fraction=kv))
+    return rows
+
+
+def test_score_kept_is_the_share_of_the_models_own_full_cache_score():
+    kept = score_kept(fake_suite_rows())
+    assert len(kept) == 2 * 2 * 2  # tasks x models x ratios
+    full_025 = next(d for d in kept if d["task"] == "multi_key" and d["model"] == "full" and d["ratio"] == 0.25)
+    # by hand: scores 0.8 * 0.25 = 0.2 and 0.4 * 0.25 + 0.1 = 0.2 over full-cache scores 0.8 and 0.4
+    assert full_025["kept"] == pytest.approx(0.2 / 0.6) and full_025["per_seed"] == pytest.approx([0.25, 0.5])
+    assert full_025["seeds"] == [0, 1] and full_025["kv_fraction"] == pytest.approx(0.305)
+    lrsa_05 = next(d for d in kept if d["task"] == "multi_key" and d["model"] == "lrsa" and d["ratio"] == 0.5)
+    assert lrsa_05["kept"] == pytest.approx((0.25 + 0.1) / 2 / 0.25) and lrsa_05["per_seed"][1] is None  # seed 1: 0
+    with pytest.raises(ValueError, match="setting: no rows"):
+        score_kept(fake_suite_rows(), setting="snapkv/chunked")
+    with pytest.raises(ValueError, match="no full-cache row"):
+        score_kept([r for r in fake_suite_rows() if not (r["setting"] == "full" and r["model"] == "lrsa")])
+
+
+def test_score_kept_figure_anchors_at_the_full_cache():
+    fig = score_kept_figure(fake_suite_rows())
+    assert isinstance(fig, go.Figure)
+    assert len(fig.data) == 2 * 2 * 2  # tasks x models x (line, seed dots)
+    line = next(t for t in fig.data if t.name == "full-attention fine-tune, 4000 tokens" and t.mode == "lines+markers")
+    assert list(line.x) == pytest.approx([1.0, 0.54, 0.305]) and line.y[0] == 1.0
+    assert list(line.y[1:]) == pytest.approx([(0.4 + 0.3) / 2 / 0.6, 0.2 / 0.6])
+    dots = next(t for t in fig.data if t.name == "LRSA fine-tune, 4000 tokens, per seed")
+    assert len(dots.x) == 2, "the seed whose full-cache score is 0 has no ratio"
+    assert sum(t.showlegend for t in fig.data) == 2, "one legend entry per model and length"
 
 
 def test_suite_task_figure_has_error_bars_at_the_measured_fraction():
