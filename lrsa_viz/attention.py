@@ -122,7 +122,7 @@ def lrsa_attention_forward(
         from .fast import fast_lrsa_attention
 
         compresses = forced is not None and config.num_partitions(kv_len) >= 2  # shorter: plain causal, nothing forced
-        positions = forced_compact_positions(forced, config) if compresses else None
+        positions = forced_compact_positions(forced, config) if compresses else attached_selection(key)
         out = fast_lrsa_attention(query, key, value, config, scaling=scaling, positions=positions)
         return out.transpose(1, 2).contiguous(), None
     with torch.no_grad():
@@ -164,6 +164,26 @@ def forced_keep_of_layer(module: torch.nn.Module, key: torch.Tensor) -> torch.Te
             f"{tuple(forced.shape)}, but attends [B={b}, H_kv={h}] over {kv_len} keys (N must be >= the keys)"
         )
     return forced[..., :kv_len].to(key.device)
+
+
+#: Attribute `attach_selection` sets on a key tensor.
+_SELECTION_ATTR = "lrsa_attached_selection"
+
+
+def attach_selection(key: torch.Tensor, positions: torch.Tensor) -> None:
+    """Record on the key tensor [B, H_kv, N, d] that LagKV already selected ``positions`` from it (LongTensor
+    [B, H_kv, S + (P-1) k], the form of `lrsa_viz.fast.compact_positions`): the flex path then attends with them
+    instead of selecting a second time. A `StaticLagKVCache` does this when it compresses the prompt, whose key
+    tensor it hands back to the attention. Bound to that one tensor, so it cannot reach another layer or forward.
+    Not under torch.compile (an attribute on a traced tensor does not survive tracing): there it selects again.
+    """
+    if not torch.compiler.is_compiling():
+        setattr(key, _SELECTION_ATTR, positions)
+
+
+def attached_selection(key: torch.Tensor) -> torch.Tensor | None:
+    """The positions `attach_selection` recorded on this key tensor, or None."""
+    return getattr(key, _SELECTION_ATTR, None)
 
 
 def forced_compact_positions(kept: torch.Tensor, config: LagConfig) -> torch.Tensor:

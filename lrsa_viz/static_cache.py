@@ -36,6 +36,7 @@ from typing import Iterator
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .attention import attach_selection
 from .checks import check_int
 from .config import LagConfig
 from .scoring import check_kv, lagkv_keep_indices, select_top_k, token_std_scores
@@ -284,7 +285,12 @@ class StaticLagKVCache(Cache):
         """One-shot LagKV compression of the prompt's states into this layer's slots 0 .. eq.12 - 1."""
         cfg = self.lag_config
         with torch.no_grad():
-            keep = one_shot_keep(key_states, value_states, cfg, self._use_compiled_selection(key_states))
+            compact = one_shot_compact(key_states, value_states, cfg, self._use_compiled_selection(key_states))
+            if compact is None:
+                keep = lagkv_keep_indices(key_states, value_states, cfg, check_finite=False)
+            else:
+                keep = _with_tail(compact, key_states.shape[-2], cfg)
+                attach_selection(key_states, compact)  # the prefill attention attends with it (no 2nd selection)
             d = key_states.shape[-1]
             n_keep = keep.shape[-1]
             index = keep[..., None].expand(-1, -1, -1, d)
@@ -437,17 +443,30 @@ class StaticLagKVCache(Cache):
 def one_shot_keep(keys: torch.Tensor, values: torch.Tensor, config: LagConfig, compiled: bool = False) -> torch.Tensor:
     """Positions one-shot LagKV compression keeps: `lrsa_viz.scoring.lagkv_keep_indices` [B, H_kv, eq. 12].
 
-    ``compiled``: the same selection from `lrsa_viz.fast.compiled_compact_positions` (what the flex LRSA backend
-    attends with; sink + selections, then the last full partition and the remainder whole), on K/V zero-padded to
-    whole blocks exactly as `lrsa_viz.fast.fast_lrsa_attention` pads them for its own selection: the SAME compiled
-    graph on the same inputs, so the static-shape kernel compiles once per block count (not once per prompt length
-    here and once more for the attention's padded length), and the cache keeps exactly what the prefill attended to.
-    Exact: partitions 0 .. P-2 and their references (<= P-1) are real tokens; the padded partitions are cut off.
+    ``compiled``: the same selection from `one_shot_compact` (what the flex LRSA backend attends with), then the last
+    full partition and the remainder whole.
+    """
+    compact = one_shot_compact(keys, values, config, compiled)
+    if compact is None:
+        return lagkv_keep_indices(keys, values, config, check_finite=False)
+    return _with_tail(compact, keys.shape[-2], config)
+
+
+def one_shot_compact(keys: torch.Tensor, values: torch.Tensor, config: LagConfig,
+                     compiled: bool = True) -> torch.Tensor | None:
+    """The sink and the selections of [B, H_kv, N, d] K/V from `lrsa_viz.fast.compiled_compact_positions`:
+    LongTensor [B, H_kv, S + (P-1) k]; None unless ``compiled`` and there is a scored partition (P >= 2).
+
+    The K/V are zero-padded to whole blocks exactly as `lrsa_viz.fast.fast_lrsa_attention` pads them for its own
+    selection: the SAME compiled graph on the same inputs, so the static-shape kernel compiles once per block count
+    (not once per prompt length here and once more for the attention's padded length), and the cache keeps exactly
+    what the prefill attends to. Exact: partitions 0 .. P-2 and their references (<= P-1) are real tokens; the
+    padded partitions are cut off.
     """
     n = keys.shape[-2]
     p = config.num_partitions(n)
     if not compiled or p < 2:
-        return lagkv_keep_indices(keys, values, config, check_finite=False)
+        return None
     import torch.nn.functional as F
 
     from .fast import DEFAULT_BLOCK_SIZE, compiled_compact_positions
@@ -456,8 +475,12 @@ def one_shot_keep(keys: torch.Tensor, values: torch.Tensor, config: LagConfig, c
     if width != n:
         keys, values = (F.pad(t, (0, 0, 0, width - n)) for t in (keys, values))
     count = config.sink_size + (p - 1) * config.top_k
-    compact = compiled_compact_positions()(keys, values, config)[..., :count]  # [B, H, S + (P-1) k]
+    return compiled_compact_positions()(keys, values, config)[..., :count]
+
+
+def _with_tail(compact: torch.Tensor, n: int, config: LagConfig) -> torch.Tensor:
+    """[B, H_kv, C] compact positions of N tokens + the unscored tail (last full partition and remainder)."""
     b, h = compact.shape[:2]
-    start = config.sink_size + (p - 1) * config.lag_size
-    tail = torch.arange(start, n, device=keys.device).expand(b, h, -1)
+    start = config.sink_size + (config.num_partitions(n) - 1) * config.lag_size
+    tail = torch.arange(start, n, device=compact.device).expand(b, h, -1)
     return torch.cat([compact, tail], dim=-1)

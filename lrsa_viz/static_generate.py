@@ -8,8 +8,10 @@ was 1.27-1.28x faster at batch 16-64 and it keeps 26% of the KV bytes. Today's d
 `enable_static_lagkv(model, config)` registers the attention implementation ``"lagkv_static"``:
 
 - the prompt (an update of an empty cache: queries == keys) goes through LRSA (`lrsa_viz.attention`, the flex
-  backend on CUDA), and the cache stores what that pass selected: for every layer, LRSA's selection IS one-shot
-  LagKV selection of that layer's K/V, which after N tokens is exactly the recursive cache's state (METHOD §3, §4);
+  backend on CUDA) with the selections the cache made: for every layer, LRSA's selection IS one-shot LagKV
+  selection of that layer's K/V, which after N tokens is exactly the recursive cache's state (METHOD §3, §4). The
+  cache selects once per layer when it stores the prompt and hands its positions to the flex attention
+  (`lrsa_viz.attention.attach_selection`), so nothing is selected twice;
 - later updates attend over the cache's buffers with `lrsa_viz.fast.decode.buffer_attention` (grouped-query heads
   native, no K/V repeat) and the mask ``slot <= stored + i``, built once per forward from device counters.
 

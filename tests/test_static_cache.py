@@ -178,6 +178,34 @@ def test_one_pass_prefill_equals_chunked_prefill(model, cfg):
     torch.testing.assert_close(logits, chunked_logits, rtol=0, atol=1e-4)
 
 
+def test_flex_prefill_attends_with_the_caches_selection(model, monkeypatch):
+    """With the flex backend, each layer selects once: the cache's one-shot fill attaches its positions to the key
+    tensor and the attention attends with them. Selecting again instead (attachment off) gives the same logits and
+    kept positions, so nothing but the second selection is saved."""
+    import lrsa_viz.attention as attention
+    import lrsa_viz.fast as fast
+
+    cfg = LagConfig(4, 16, 0.25)
+    ids = torch.randint(0, 256, (2, 90), generator=torch.Generator().manual_seed(3))
+    calls = []
+    real = fast.fast_lrsa_attention
+    monkeypatch.setattr(fast, "fast_lrsa_attention",
+                        lambda *a, positions=None, **k: calls.append(positions) or real(*a, positions=positions, **k))
+    logits, cache = static_prefill(model, ids, cfg, backend="flex", logits_to_keep=0)
+    assert len(calls) == model.config.num_hidden_layers and all(p is not None for p in calls)
+    for layer, positions in enumerate(calls):  # exactly the sink + selections the cache stored
+        assert torch.equal(positions, cache.kept_positions(layer)[..., :positions.shape[-1]])
+    monkeypatch.setattr(attention, "attach_selection", lambda key, positions: None)
+    import lrsa_viz.static_cache as static_cache
+    monkeypatch.setattr(static_cache, "attach_selection", lambda key, positions: None)
+    calls.clear()
+    again, cache_again = static_prefill(model, ids, cfg, backend="flex", logits_to_keep=0)
+    assert len(calls) == model.config.num_hidden_layers and all(p is None for p in calls)
+    torch.testing.assert_close(again, logits, rtol=0, atol=1e-6)  # same positions, same kernels, same process
+    for layer in range(model.config.num_hidden_layers):
+        assert torch.equal(cache_again.kept_positions(layer), cache.kept_positions(layer))
+
+
 def test_smollm2_static_generate_equals_the_teaching_path(smollm2):
     """SmolLM2-135M on a real text: the same greedy tokens and kept positions as chunked prefill + LagKVCache.
 
