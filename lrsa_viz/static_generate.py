@@ -1,9 +1,10 @@
 """Compressed generation over fixed buffers (no host sync per step): one parallel LRSA prefill into a
-`StaticLagKVCache`, then decoding over its fixed-size buffers (eager, or compiled with CUDA graphs). Measured on an
-H200 (data/results/bench_h200_x2, with the sdpa_folded kernel and compression inside every step, the settings of
-that time): it decoded slower than transformers' full StaticCache (0.54x-0.75x at a 16k prompt), though its prefill
-was 1.27-1.28x faster at batch 16-64 and it keeps 26% of the KV bytes. Today's defaults (the matmul kernel; and
-``host_compression=True``) are not measured on a GPU yet.
+`StaticLagKVCache`, then decoding over its fixed-size buffers (eager, or compiled with CUDA graphs). It decodes
+SLOWER than transformers' full StaticCache, measured with a 16k prompt: on an H200 (data/results/bench_h200_x2,
+sdpa_folded kernel, compression inside every step) 0.54x-0.75x; on an H100 (data/results/bench_h100, compression
+scheduled on the host) 0.59x at batch 1 and 0.62x at batch 16 with sdpa_folded (the default), 0.31x-0.55x with the
+matmul kernel. Its prefill is 1.22-1.28x faster than dense at batch 16-64 (0.78-0.94x at batch 1), and it keeps
+26% of the KV bytes.
 
 `enable_static_lagkv(model, config)` registers the attention implementation ``"lagkv_static"``:
 

@@ -19,11 +19,12 @@ import torch
 import torch.nn.functional as F
 
 KERNELS = ("sdpa_repeat", "sdpa_folded", "matmul")
-#: The kernel used when none is named: the fastest of the three in the committed H200 measurement
-#: (data/results/bench_h200_x2/bench_inference_b1.json, "kernels": 30 layers' attention of one decode step, 16k
-#: prompt, batch 1, bf16, CUDA graph): over the LagKV buffer matmul 0.87 ms, sdpa_repeat 0.90, sdpa_folded 2.35; over
-#: the full cache 1.48, 2.14, 8.02. Larger batches were not timed kernel by kernel.
-DEFAULT_KERNEL = "matmul"
+#: The kernel used when none is named: the fastest of the three in a whole compiled decode step (CUDA graph,
+#: host-scheduled compression, 16k prompt, bf16; data/results/bench_h100/bench_inference_*.json, one H100):
+#: sdpa_folded 234 tok/s at batch 1 and 542 at batch 16, matmul 220 and 318. Timed alone, kernel by kernel (30 layers'
+#: attention of one step, eager), matmul is the fastest (LagKV buffer, batch 1/16/64: 0.81/1.58/4.05 ms, sdpa_folded
+#: 2.28/2.35/4.42): inside the compiled step it is not, so the default follows the whole-step measurement.
+DEFAULT_KERNEL = "sdpa_folded"
 
 
 def slot_mask(offset: int | torch.Tensor, q_length: int, kv_length: int, device: torch.device | str) -> torch.Tensor:

@@ -55,7 +55,10 @@ def median_time(fn: Callable[[], object], *, min_reps: int = 3, max_reps: int = 
 def count_host_syncs(fn: Callable[[], object]) -> int | None:
     """How many times ``fn()`` synchronises the host with the CUDA device (``.item()``, ``nonzero``, blocking
     copies...), counted by PyTorch's sync debug mode ('warn': one warning per synchronising call, warnings of the
-    backward pass included). None without CUDA. Explicit ``torch.cuda.synchronize()`` calls are not counted."""
+    backward pass included). None without CUDA. Explicit ``torch.cuda.synchronize()`` calls are not counted.
+
+    Count warmed-up code (as the benchmarks do, after their timing runs): the first launch of a kernel in a process
+    may synchronise once while CUDA loads its module (on an H100, the first ``x.sum()`` counted 1, the next ones 0)."""
     if not torch.cuda.is_available():
         return None
     torch.cuda.synchronize()
