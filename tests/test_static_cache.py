@@ -182,8 +182,8 @@ def test_flex_prefill_attends_with_the_caches_selection(model, monkeypatch):
     """With the flex backend, each layer selects once: the cache's one-shot fill attaches its positions to the key
     tensor and the attention attends with them. Selecting again instead (attachment off) gives the same logits and
     kept positions, so nothing but the second selection is saved."""
-    import lrsa_viz.attention as attention
     import lrsa_viz.fast as fast
+    import lrsa_viz.static_cache as static_cache
 
     cfg = LagConfig(4, 16, 0.25)
     ids = torch.randint(0, 256, (2, 90), generator=torch.Generator().manual_seed(3))
@@ -195,9 +195,7 @@ def test_flex_prefill_attends_with_the_caches_selection(model, monkeypatch):
     assert len(calls) == model.config.num_hidden_layers and all(p is not None for p in calls)
     for layer, positions in enumerate(calls):  # exactly the sink + selections the cache stored
         assert torch.equal(positions, cache.kept_positions(layer)[..., :positions.shape[-1]])
-    monkeypatch.setattr(attention, "attach_selection", lambda key, positions: None)
-    import lrsa_viz.static_cache as static_cache
-    monkeypatch.setattr(static_cache, "attach_selection", lambda key, positions: None)
+    monkeypatch.setattr(static_cache, "attach_selection", lambda key, positions: None)  # the cache attaches nothing
     calls.clear()
     again, cache_again = static_prefill(model, ids, cfg, backend="flex", logits_to_keep=0)
     assert len(calls) == model.config.num_hidden_layers and all(p is None for p in calls)

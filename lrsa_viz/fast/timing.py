@@ -52,6 +52,10 @@ def median_time(fn: Callable[[], object], *, min_reps: int = 3, max_reps: int = 
     return {"median_s": statistics.median(times), "min_s": min(times), "reps": len(times)}
 
 
+#: Whether `count_host_syncs` ran its throwaway first cycle in this process.
+_SYNC_COUNTER_PRIMED = False
+
+
 def count_host_syncs(fn: Callable[[], object]) -> int | None:
     """How many times ``fn()`` synchronises the host with the CUDA device (``.item()``, ``nonzero``, blocking
     copies...), counted by PyTorch's sync debug mode ('warn': one warning per synchronising call, warnings of the
@@ -68,9 +72,6 @@ def count_host_syncs(fn: Callable[[], object]) -> int | None:
         _SYNC_COUNTER_PRIMED = True
         _sync_warnings(lambda: torch.ones(1, device="cuda").add_(1))
     return _sync_warnings(fn)
-
-
-_SYNC_COUNTER_PRIMED = False
 
 
 def _sync_warnings(fn: Callable[[], object]) -> int:
