@@ -178,14 +178,16 @@ class StaticLagKVCache(Cache):
         self._overflow = torch.zeros((), dtype=torch.bool, device=dev)
         self._write_at = torch.zeros(max(self.max_chunk, 1), dtype=torch.int64, device=dev)
         for i, layer in enumerate(self.layers):
+            # views made once, here: the compiled step writes them in place (see `update`)
             layer.keys, layer.values = self.key_buffer[i], self.value_buffer[i]
             layer.dtype, layer.device = key_states.dtype, dev
             layer.batch_size, layer.num_heads, layer.k_head_dim, layer.v_head_dim = b, h, d, d
             layer.is_initialized = True
         if not torch.compiler.is_compiling():
             # fixed addresses: CUDA graphs replay in place (guard=False: a new cache re-records, never recompiles)
+            layer_views = [t for layer in self.layers for t in (layer.keys, layer.values)]
             for t in (self.key_buffer, self.value_buffer, self.position_buffer, self._seen, self._done, self._overflow,
-                      self._write_at):
+                      self._write_at, *layer_views):
                 torch._dynamo.mark_static_address(t, guard=False)
 
     # ------------------------------------------------------------------------------------------------- update
@@ -210,7 +212,11 @@ class StaticLagKVCache(Cache):
                 f"key_states/value_states: shapes {tuple(key_states.shape)}/{tuple(value_states.shape)} do not continue "
                 f"the cache's [B, H_kv, *, d] = {tuple(self.key_buffer.shape[1:3])} + (*, {self.key_buffer.shape[-1]})"
             )
-        keys, values = self.key_buffer[layer_idx], self.value_buffer[layer_idx]
+        # The layer's own views, made in `_allocate`. A view taken here, inside a compiled step, made inductor copy
+        # the layer's whole [B, H_kv, M, d] slice around the one-slot write (functionalisation of an in-place write
+        # into a view of a graph input; seen in the generated code): O(B M) bytes per token instead of O(B).
+        layer = self.layers[layer_idx]
+        keys, values = layer.keys, layer.values
         slots = self._write_at[:q]
         keys.index_copy_(2, slots, key_states.to(keys.dtype))
         values.index_copy_(2, slots, value_states.to(values.dtype))
@@ -294,8 +300,9 @@ class StaticLagKVCache(Cache):
             d = key_states.shape[-1]
             n_keep = keep.shape[-1]
             index = keep[..., None].expand(-1, -1, -1, d)
-            self.key_buffer[layer_idx, :, :, :n_keep] = key_states.gather(2, index)
-            self.value_buffer[layer_idx, :, :, :n_keep] = value_states.gather(2, index)
+            layer = self.layers[layer_idx]
+            layer.keys[:, :, :n_keep] = key_states.gather(2, index)
+            layer.values[:, :, :n_keep] = value_states.gather(2, index)
             self.position_buffer[layer_idx, :, :, :n_keep] = keep.to(torch.int32)
 
     def _use_compiled_selection(self, key_states: torch.Tensor) -> bool:
@@ -322,17 +329,21 @@ class StaticLagKVCache(Cache):
         dev = seen.device
         window = (first + torch.arange(lag + span, device=dev)).clamp(max=m - 1)
         dest = window[: k + span]  # same slots when nothing is due: the window is written back unchanged
-        wk = self.key_buffer.index_select(3, window)  # [layers, B, H, L + span, d]
-        wv = self.value_buffer.index_select(3, window)
+        # through each layer's views, never the [layers, ...] buffers (see `update`: in a compiled step, writes into
+        # both a buffer and views of it make inductor copy whole buffers)
+        wk = torch.stack([layer.keys.index_select(2, window) for layer in self.layers])  # [layers, B, H, L + span, d]
+        wv = torch.stack([layer.values.index_select(2, window) for layer in self.layers])
         wp = self.position_buffer.index_select(3, window)  # [layers, B, H, L + span]
         layers, b, h, _, d = wk.shape
         scores = token_std_scores(wk[:, :, :, : 2 * lag].flatten(0, 1), lag)  # [layers*B, H, 1, L]
         scores = scores + cfg.score_v_ratio * token_std_scores(wv[:, :, :, : 2 * lag].flatten(0, 1), lag)
         offsets = select_top_k(scores, k)[:, :, 0].reshape(layers, b, h, k)  # ascending, ties to the lower one
         pick = offsets[..., None].expand(-1, -1, -1, -1, d)
-        for buffer, win, picked in ((self.key_buffer, wk, wk.gather(3, pick)), (self.value_buffer, wv, wv.gather(3, pick))):
+        for name, win, picked in (("keys", wk, wk.gather(3, pick)), ("values", wv, wv.gather(3, pick))):
             moved = torch.cat([picked, win[:, :, :, lag:]], dim=3)  # [layers, B, H, k + span, d]
-            buffer.index_copy_(3, dest, torch.where(due, moved, win[:, :, :, : k + span]))
+            moved = torch.where(due, moved, win[:, :, :, : k + span])
+            for i, layer in enumerate(self.layers):
+                getattr(layer, name).index_copy_(2, dest, moved[i])
         moved_p = torch.cat([wp.gather(3, offsets.to(torch.int64)), wp[..., lag:]], dim=3)
         self.position_buffer.index_copy_(3, dest, torch.where(due, moved_p, wp[..., : k + span]))
         self._done.add_(due.to(done.dtype))
