@@ -17,25 +17,22 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
+from bench_inference import LAGKV, make_cache, make_model, prepare_model
 from lrsa_viz import LagConfig, environment_record
-from lrsa_viz.static_cache import StaticLagKVCache
-from lrsa_viz.static_generate import decode_step, disable_static_lagkv, enable_static_lagkv, greedy_decode
+from lrsa_viz.fast.cost import SMOLLM2_CONFIG
+from lrsa_viz.fast.decode import DEFAULT_KERNEL
+from lrsa_viz.static_generate import decode_step, disable_static_lagkv, greedy_decode
 
-MODES = ("lagkv", "full")
+#: This script's modes and `bench_inference.py`'s: the full cache decodes with the LagKV cache's buffer attention.
+MODES = {"lagkv": LAGKV, "full": "full_cache_buffer"}
 
 
 def step_ms(model, mode: str, batch: int, prompt: int, steps: int, cfg: LagConfig) -> float:
     """Mean wall milliseconds of one compiled decode step of ``mode`` after a ``prompt``-token prefill."""
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(0))
-    max_len = prompt + steps + 8
-    if mode == "lagkv":
-        cache = StaticLagKVCache(model.config, max_len, cfg, compiled_selection=True)
-        enable_static_lagkv(model, cfg, backend="flex")
-    else:
-        cache = StaticCache(config=model.config, max_cache_len=max_len)
-        enable_static_lagkv(model, prefill="dense")
+    cache = make_cache(MODES[mode], model, prompt + steps + 8, cfg, compiled_selection=True)
+    prepare_model(model, MODES[mode], cfg, kernel=DEFAULT_KERNEL, backend="flex")
     torch._dynamo.reset()
     step = torch.compile(decode_step, fullgraph=True, dynamic=False)
     try:
@@ -63,11 +60,8 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown or not modes:
         ap.error(f"--modes: got {args.modes!r}; accepted: a comma-separated subset of {', '.join(MODES)}")
     cfg = LagConfig(16, 128, 0.25)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=512, hidden_size=576, intermediate_size=1536, num_hidden_layers=args.layers, num_attention_heads=9,
-        num_key_value_heads=3, head_dim=64, max_position_embeddings=args.prompt + args.steps + 64,
-        tie_word_embeddings=True)).eval()
+    model = make_model({**SMOLLM2_CONFIG, "num_hidden_layers": args.layers, "vocab_size": 512},
+                       torch.device("cpu"), torch.float32)
     result = {"command": "PYTHONPATH=. python3 benchmarks/bench_decode_cpu.py " + " ".join(argv or []),
               "environment": environment_record(), "threads": torch.get_num_threads(),
               "batch": args.batch, "prompt": args.prompt, "layers": args.layers, "steps": args.steps,

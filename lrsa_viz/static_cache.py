@@ -291,11 +291,8 @@ class StaticLagKVCache(Cache):
         """One-shot LagKV compression of the prompt's states into this layer's slots 0 .. eq.12 - 1."""
         cfg = self.lag_config
         with torch.no_grad():
-            compact = one_shot_compact(key_states, value_states, cfg, self._use_compiled_selection(key_states))
-            if compact is None:
-                keep = lagkv_keep_indices(key_states, value_states, cfg, check_finite=False)
-            else:
-                keep = _with_tail(compact, key_states.shape[-2], cfg)
+            keep, compact = _one_shot(key_states, value_states, cfg, self._use_compiled_selection(key_states))
+            if compact is not None:
                 attach_selection(key_states, compact)  # the prefill attention attends with it (no 2nd selection)
             d = key_states.shape[-1]
             n_keep = keep.shape[-1]
@@ -457,10 +454,19 @@ def one_shot_keep(keys: torch.Tensor, values: torch.Tensor, config: LagConfig, c
     ``compiled``: the same selection from `one_shot_compact` (what the flex LRSA backend attends with), then the last
     full partition and the remainder whole.
     """
+    return _one_shot(keys, values, config, compiled)[0]
+
+
+def _one_shot(keys: torch.Tensor, values: torch.Tensor, config: LagConfig,
+              compiled: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(`one_shot_keep`, `one_shot_compact`) from one selection."""
     compact = one_shot_compact(keys, values, config, compiled)
     if compact is None:
-        return lagkv_keep_indices(keys, values, config, check_finite=False)
-    return _with_tail(compact, keys.shape[-2], config)
+        return lagkv_keep_indices(keys, values, config, check_finite=False), None
+    b, h = compact.shape[:2]  # then the unscored tail: the last full partition and the remainder, whole
+    n = keys.shape[-2]
+    start = config.sink_size + (config.num_partitions(n) - 1) * config.lag_size
+    return torch.cat([compact, torch.arange(start, n, device=compact.device).expand(b, h, -1)], dim=-1), compact
 
 
 def one_shot_compact(keys: torch.Tensor, values: torch.Tensor, config: LagConfig,
@@ -488,10 +494,3 @@ def one_shot_compact(keys: torch.Tensor, values: torch.Tensor, config: LagConfig
     count = config.sink_size + (p - 1) * config.top_k
     return compiled_compact_positions()(keys, values, config)[..., :count]
 
-
-def _with_tail(compact: torch.Tensor, n: int, config: LagConfig) -> torch.Tensor:
-    """[B, H_kv, C] compact positions of N tokens + the unscored tail (last full partition and remainder)."""
-    b, h = compact.shape[:2]
-    start = config.sink_size + (config.num_partitions(n) - 1) * config.lag_size
-    tail = torch.arange(start, n, device=compact.device).expand(b, h, -1)
-    return torch.cat([compact, tail], dim=-1)

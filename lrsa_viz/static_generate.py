@@ -5,7 +5,7 @@ sdpa_folded kernel, compression inside every step) 0.54x-0.75x; on an H100 (data
 scheduled on the host) 0.59x at batch 1 and 0.62x at batch 16 with sdpa_folded (the default), 0.31x-0.55x with the
 matmul kernel. Its prefill is 1.22-1.28x faster than dense at batch 16-64 (0.78-0.94x at batch 1), and it keeps
 26% of the KV bytes. Those runs predate a fix found on a CPU: the compiled step copied every layer's whole K/V slice
-around its one-slot write (`StaticLagKVCache.update`); fixed, a CPU step is 3.7x faster (data/results/
+around its one-slot write (`StaticLagKVCache.update`); fixed, a CPU step is 2.7x faster (data/results/
 decode_step_cpu*.json). Not yet measured on a GPU.
 
 `enable_static_lagkv(model, config)` registers the attention implementation ``"lagkv_static"``:

@@ -654,11 +654,12 @@ def test_sync_counter_primes_once_per_process(monkeypatch):
 
     cycles = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(timing, "_SYNC_COUNTER_PRIMED", False)
+    timing._prime_sync_counter.cache_clear()
     monkeypatch.setattr(timing, "_sync_warnings", lambda fn: cycles.append(fn) or len(cycles))
     work = lambda: None  # noqa: E731
     assert timing.count_host_syncs(work) == 2 and len(cycles) == 2 and cycles[0] is not work and cycles[1] is work
     assert timing.count_host_syncs(work) == 3 and cycles[2] is work
+    timing._prime_sync_counter.cache_clear()  # the pretended priming must not count as this process's real one
 
 
 @cuda

@@ -257,7 +257,7 @@ def test_decode_step_compiles_to_one_graph_without_host_reads(model):
 def test_compiled_decode_step_writes_the_cache_in_place(model, host_compression):
     """The inductor code of a decode step allocates no [B, H_kv, M, d] layer slice and no [layers, ...] buffer: new
     tokens are written into the cache's buffers in place, O(B) bytes per token. (Writing through a view taken
-    inside the step made inductor copy every layer's whole slice around the write: 2.8-3.7x slower steps on a CPU,
+    inside the step made inductor copy every layer's whole slice around the write: 2.7-3.7x slower steps on a CPU,
     `benchmarks/bench_decode_cpu.py`.) Same tokens as eager decoding."""
     from torch._inductor.utils import run_and_get_code
 

@@ -2,6 +2,7 @@
 a small live attention benchmark (CUDA): fast LRSA against dense SDPA, in the format of bench_lrsa's JSON."""
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 import warnings
@@ -52,10 +53,6 @@ def median_time(fn: Callable[[], object], *, min_reps: int = 3, max_reps: int = 
     return {"median_s": statistics.median(times), "min_s": min(times), "reps": len(times)}
 
 
-#: Whether `count_host_syncs` ran its throwaway first cycle in this process.
-_SYNC_COUNTER_PRIMED = False
-
-
 def count_host_syncs(fn: Callable[[], object]) -> int | None:
     """How many times ``fn()`` synchronises the host with the CUDA device (``.item()``, ``nonzero``, blocking
     copies...), counted by PyTorch's sync debug mode ('warn': one warning per synchronising call, warnings of the
@@ -67,11 +64,14 @@ def count_host_syncs(fn: Callable[[], object]) -> int | None:
     """
     if not torch.cuda.is_available():
         return None
-    global _SYNC_COUNTER_PRIMED
-    if not _SYNC_COUNTER_PRIMED:
-        _SYNC_COUNTER_PRIMED = True
-        _sync_warnings(lambda: torch.ones(1, device="cuda").add_(1))
+    _prime_sync_counter()
     return _sync_warnings(fn)
+
+
+@functools.cache
+def _prime_sync_counter() -> None:
+    """Once per process: the throwaway first counting cycle (see `count_host_syncs`)."""
+    _sync_warnings(lambda: torch.ones(1, device="cuda").add_(1))
 
 
 def _sync_warnings(fn: Callable[[], object]) -> int:
