@@ -111,20 +111,40 @@ def measured_bandwidth(device: torch.device) -> float:
     return 2 * 2 ** 31 / statistics.median(times)
 
 
-def count_host_syncs(fn, steps: int, device: torch.device) -> float:
-    """Host syncs per call of ``fn`` (torch.profiler), minus those of an empty profiled region."""
+def profile_steps(fn, steps: int, device: torch.device, top: int = 12) -> dict:
+    """torch.profiler over ``steps`` calls of ``fn``: host syncs per call (aten::_local_scalar_dense and CUDA
+    synchronize calls, minus those of an empty profiled region) and, on CUDA, where the GPU time goes: device
+    milliseconds per call in total and for the ``top`` kernels (kernels replayed from CUDA graphs included), and
+    the CUDA-graph launches per call (0 means the step did not replay a graph)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
 
-    def count(n):
+    def run(n):
         synchronize(device)
         with profile(activities=activities) as prof:
             for _ in range(n):
                 fn()
-        return sum(e.count for e in prof.key_averages() if e.key in SYNC_EVENTS)
+            synchronize(device)
+        return prof.key_averages()
 
-    return (count(steps) - count(0)) / steps
+    events, empty = run(steps), run(0)
+    syncs = sum(e.count for e in events if e.key in SYNC_EVENTS) - sum(e.count for e in empty if e.key in SYNC_EVENTS)
+    kernels = sorted((e for e in events if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0),
+                     key=lambda e: -e.self_device_time_total)
+    return {"host_syncs_per_step": syncs / steps,
+            "graph_launches_per_step": sum(e.count for e in events if e.key == "cudaGraphLaunch") / steps,
+            "device_ms_per_step": sum(e.self_device_time_total for e in kernels) / 1e3 / steps,
+            "top_kernels": [{"name": e.key[:160], "ms_per_step": e.self_device_time_total / 1e3 / steps,
+                             "calls_per_step": e.count / steps} for e in kernels[:top]]}
+
+
+def cudagraph_skips() -> int:
+    """Inductor's count of compiled graphs that could not be captured as CUDA graphs (run without them)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_skips"])
 
 
 # -------------------------------------------------------------------------------------------------------- model
@@ -167,6 +187,7 @@ def run_mode(model, mode: str, ids: torch.Tensor, cfg: LagConfig, args, step_fn,
     max_len = n + args.warmup_steps + args.new_tokens + args.sync_steps + 1  # every token fed, profiled ones too
     prepare_model(model, mode, cfg, args.kernel, args.backend)
     flex = args.backend == "flex" or (args.backend == "auto" and device.type == "cuda")
+    skips_before = cudagraph_skips()
     with torch.no_grad():
         prefill_s = []
         for _ in range(2):  # the first prefill compiles what this N needs (flex kernels, selection)
@@ -196,7 +217,7 @@ def run_mode(model, mode: str, ids: torch.Tensor, cfg: LagConfig, args, step_fn,
             state["tok"] = step_fn(model, state["tok"], cache).clone()
 
         with cache.host_scheduled_compression() if host else contextlib.nullcontext():  # its one read: before
-            syncs = count_host_syncs(one_step, args.sync_steps, device) if args.sync_steps else None
+            profiled = profile_steps(one_step, args.sync_steps, device) if args.sync_steps else {}
     seen_mid = n + args.warmup_steps + args.new_tokens / 2  # tokens in the cache at the middle of the timed steps
     stored_mid = stored_length(int(seen_mid), cfg) if mode == LAGKV else seen_mid
     layers, h_kv, d = model.config.num_hidden_layers, model.config.num_key_value_heads, model.config.head_dim
@@ -211,7 +232,8 @@ def run_mode(model, mode: str, ids: torch.Tensor, cfg: LagConfig, args, step_fn,
            "stored_tokens_mid_decode": stored_mid, "bytes_per_step_min": weight_bytes + kv_read,
            "bandwidth_fraction": (weight_bytes + kv_read) / step_s / bandwidth if math.isfinite(bandwidth) else None,
            "bandwidth_fraction_nominal": (weight_bytes + kv_read) / step_s / NOMINAL_BANDWIDTH,
-           "host_syncs_per_step": syncs}
+           "host_syncs_per_step": profiled.get("host_syncs_per_step"), "profile": profiled,
+           "cudagraph_skips": cudagraph_skips() - skips_before}
     if mode == LAGKV:
         row["buffer_slots"] = cache.capacity
         row["eq12_after_prefill"] = cfg.retained_length(n)
@@ -413,7 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--smoke", action="store_true", help="tiny model on CPU, seconds (for tests)")
     ap.add_argument("--cases", default="16384x1,16384x16,16384x64,32768x1,32768x16",
                     help="prompt lengths x batch sizes, NxB[,NxB...]")
-    ap.add_argument("--new-tokens", type=int, default=64, help="timed decode steps")
+    ap.add_argument("--new-tokens", type=int, default=128,
+                    help="timed decode steps (default: the lag size L, so the window holds exactly one compression "
+                         "per L tokens: the steady-state rate)")
     ap.add_argument("--warmup-steps", type=int, default=8, help="decode steps before timing (compile, CUDA graphs)")
     ap.add_argument("--sync-steps", type=int, default=8, help="decode steps profiled for host syncs (0: skip)")
     ap.add_argument("--modes", default="full_cache_sdpa," + LAGKV,

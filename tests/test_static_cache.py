@@ -503,7 +503,8 @@ def test_fit_from_buffers_allocated_on_the_cpu_equals_the_h200_measurement(tmp_p
     committed = json.loads((ROOT / "data" / "results" / "bench_h200_x2" / "bench_inference_b1.json").read_text())
     measured = committed["inference"]["fit"]
     out = tmp_path / "fit.json"
-    assert bench_inference.main(["--fit-only", "16384", "--out", str(out)]) == 0
+    new_tokens = str(committed["inference"]["decode"]["new_tokens"])  # sizes the caches: the run's own setting
+    assert bench_inference.main(["--fit-only", "16384", "--new-tokens", new_tokens, "--out", str(out)]) == 0
     fit = json.loads(out.read_text())["inference"]["fit"]
     for key in ("bytes_per_sequence_full", "bytes_per_sequence_lagkv", "max_batch_full", "max_batch_lagkv"):
         assert fit[key] == measured[key], key
