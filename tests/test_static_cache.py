@@ -128,6 +128,17 @@ def test_buffer_attention_kernels_agree(kernel, groups, q_len):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)  # float32 sums of 37 terms: ~1e-6 rounding
 
 
+def test_flex_kernel_refuses_to_compile_on_a_cpu(model):
+    """kernel='flex' decodes eagerly on a CPU (the equality tests above); compiled there it fails with a clear message
+    (inductor's CPU FlexAttention template cannot read the in-graph slot mask), never silently."""
+    cfg = LagConfig(4, 16, 0.25)
+    logits, cache = static_prefill(model, torch.randint(0, 256, (1, 40)), cfg, 40 + 4, kernel="flex")
+    torch._dynamo.reset()
+    step = torch.compile(decode_step, fullgraph=True, dynamic=False)
+    with static_lagkv(model, cfg, kernel="flex"), pytest.raises(Exception, match="kernel='flex' compiles on CUDA only"):
+        greedy_decode(model, cache, logits[:, -1:].argmax(-1), 2, step_fn=step)
+
+
 def test_unknown_kernel_is_rejected(model):
     with pytest.raises(ValueError, match="kernel must be one of"):
         enable_static_lagkv(model, LagConfig(4, 16, 0.25), kernel="fastest")

@@ -12,10 +12,11 @@ Kernels (``KERNELS``; all compute the same attention, tested equal):
   ([B, H_kv, G Q, d]), so SDPA reads each KV head once, without repeating K/V (any backend that takes a mask).
 - ``"matmul"``: the same folding with explicit matrix products and a float32 softmax (cuBLAS + fused pointwise
   under torch.compile).
-- ``"flex"``: FlexAttention with native GQA (``enable_gqa``) and the slot mask as a ``score_mod``. Compiled (a
-  compiled decode step), a few queries take FlexAttention's decoding kernel, which splits the M slots over many
+- ``"flex"``: FlexAttention with native GQA (``enable_gqa``) and the slot mask as a ``score_mod``. Compiled on CUDA
+  (a compiled decode step), a few queries take FlexAttention's decoding kernel, which splits the M slots over many
   thread blocks (split-KV, "flash decoding") instead of one block per (batch row, head) sweeping all of them. Eager,
-  it is PyTorch's reference implementation of FlexAttention (correct, not fast).
+  it is PyTorch's reference implementation of FlexAttention (correct, not fast); compiled on a CPU it is refused
+  (inductor's CPU template cannot read a mask computed inside the graph).
 """
 from __future__ import annotations
 
@@ -94,6 +95,14 @@ def _flex_buffer_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     def hide_unwritten_slots(score, b, h, q_idx, kv_idx):
         return torch.where(mask[b if batched else 0, 0, q_idx, kv_idx], score, -float("inf"))
 
+    def attend():
+        return flex_attention(query, key, value, score_mod=hide_unwritten_slots, enable_gqa=True, scale=scale)
+
+    if torch.compiler.is_compiling():  # a compiled step: FlexAttention's fused (decoding) kernels
+        if not query.is_cuda:  # inductor's CPU FlexAttention template rejects a mask computed inside the graph
+            raise ValueError("kernel='flex' compiles on CUDA only (inductor's CPU FlexAttention template cannot read "
+                             "the slot mask); decode eagerly or choose kernel='sdpa_folded' on a CPU")
+        return attend()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*flex_attention.*")  # eager: the reference implementation, intended
-        return flex_attention(query, key, value, score_mod=hide_unwritten_slots, enable_gqa=True, scale=scale)
+        return attend()
