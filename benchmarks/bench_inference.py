@@ -181,11 +181,12 @@ def prepare_model(model, mode: str, cfg: LagConfig, kernel: str, backend: str) -
 
 
 # ---------------------------------------------------------------------------------------------------- one case
-def run_mode(model, mode: str, ids: torch.Tensor, cfg: LagConfig, args, step_fn, bandwidth: float) -> dict:
+def run_mode(model, mode: str, ids: torch.Tensor, cfg: LagConfig, args, step_fn, bandwidth: float,
+             kernel: str | None = None) -> dict:
     device = ids.device
     b, n = ids.shape
     max_len = n + args.warmup_steps + args.new_tokens + args.sync_steps + 1  # every token fed, profiled ones too
-    prepare_model(model, mode, cfg, args.kernel, args.backend)
+    prepare_model(model, mode, cfg, kernel or args.kernel, args.backend)
     flex = args.backend == "flex" or (args.backend == "auto" and device.type == "cuda")
     skips_before = cudagraph_skips()
     with torch.no_grad():
@@ -246,7 +247,8 @@ def run_mode(model, mode: str, ids: torch.Tensor, cfg: LagConfig, args, step_fn,
 def bench_kernels(b: int, slots: int, shapes: dict, device, dtype, reps: int = 20) -> dict:
     """Seconds of one model step's attention (all layers) over a buffer of ``slots`` slots, Q = 1, per kernel.
 
-    On CUDA each kernel's 30 calls are captured in one CUDA graph (launch overhead removed), like compiled decoding.
+    On CUDA each kernel's 30 calls are captured in one CUDA graph (launch overhead removed), like compiled decoding;
+    "flex" is compiled first (eager FlexAttention is its reference implementation), the others run as eager ops.
     """
     hq, hkv, d, layers = shapes["num_attention_heads"], shapes["num_key_value_heads"], shapes["head_dim"], shapes["num_hidden_layers"]
     g = torch.Generator(device=device).manual_seed(0)
@@ -257,11 +259,15 @@ def bench_kernels(b: int, slots: int, shapes: dict, device, dtype, reps: int = 2
     out = {}
     ref = buffer_attention(q, k, v, mask, kernel="sdpa_repeat").float()
     for kernel in KERNELS:
+        # flex runs compiled (eager FlexAttention is its reference implementation); the others as the eager ops
+        attend = (torch.compile(functools.partial(buffer_attention, kernel=kernel), fullgraph=True)
+                  if kernel == "flex" and device.type == "cuda" else functools.partial(buffer_attention, kernel=kernel))
+
         def step():
             for _ in range(layers):
-                buffer_attention(q, k, v, mask, kernel=kernel)
+                attend(q, k, v, mask)
         try:
-            err = (buffer_attention(q, k, v, mask, kernel=kernel).float() - ref).abs().max().item()
+            err = (attend(q, k, v, mask).float() - ref).abs().max().item()
             if device.type == "cuda":
                 step()
                 torch.cuda.synchronize()
@@ -320,18 +326,24 @@ def run_inference(cases: list[tuple[int, int]], cfg: LagConfig, args, device: to
     for n, b in cases:
         ids = torch.randint(0, shapes["vocab_size"], (b, n), device=device, generator=torch.Generator(device).manual_seed(n + b))
         row = {"prompt_len": n, "batch": b, "new_tokens": args.new_tokens}
-        for mode in modes:
+        runs = [(mode, None) for mode in modes] + [(LAGKV, k) for k in args.also_kernels]
+        for mode, kernel in runs:  # kernel None: args.kernel, stored under row[mode]; else under row["lagkv_by_kernel"]
             t0 = time.perf_counter()
             try:
-                row[mode] = run_mode(model, mode, ids, cfg, args, step_fn, bandwidth)
+                result_ = run_mode(model, mode, ids, cfg, args, step_fn, bandwidth, kernel)
             except torch.OutOfMemoryError as e:
-                row[mode] = {"error": "out of memory: " + str(e)[:200]}
+                result_ = {"error": "out of memory: " + str(e)[:200]}
             except Exception as e:
-                row[mode] = {"error": repr(e)[:500], "traceback": traceback.format_exc()[-2000:]}
+                result_ = {"error": repr(e)[:500], "traceback": traceback.format_exc()[-2000:]}
                 log(traceback.format_exc())
-            row[mode]["wall_s"] = time.perf_counter() - t0
-            log(f"  N={n} B={b} {mode}: " + json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
-                                                      for k, v in row[mode].items() if k != "traceback"})[:400])
+            result_["wall_s"] = time.perf_counter() - t0
+            if kernel is None:
+                row[mode] = result_
+            else:
+                row.setdefault("lagkv_by_kernel", {})[kernel] = result_
+            log(f"  N={n} B={b} {mode}{'' if kernel is None else ' kernel=' + kernel}: "
+                + json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
+                              for k, v in result_.items() if k not in ("traceback", "profile")})[:400])
         disable_static_lagkv(model)
         summarize_row(row)
         result["rows"].append(row)
@@ -373,6 +385,9 @@ def summarize_row(row: dict) -> None:
     row["kv_bytes_ratio_stored"] = lag["kv_bytes_after_prefill"] / sdpa["kv_bytes_after_prefill"]
     row["bandwidth_fraction"] = lag["bandwidth_fraction"]
     row["host_syncs_per_step"] = lag["host_syncs_per_step"]
+    if row.get("lagkv_by_kernel"):  # --also-kernels: the same LagKV decode with other buffer-attention kernels
+        row["decode_speedup_by_kernel"] = {k: r["decode_tokens_per_s"] / fulls[fastest]["decode_tokens_per_s"]
+                                           for k, r in row["lagkv_by_kernel"].items() if "error" not in r}
 
 
 def fit_summary(rows: list[dict]) -> dict:
@@ -444,6 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"of {','.join(MODES)} (full_cache_buffer: the full cache with LagKV's decode kernel, the "
                          "like-for-like comparison; off by default to keep the run short (an estimate: each mode compiles)")
     ap.add_argument("--kernel", default=DEFAULT_KERNEL, choices=KERNELS, help="buffer-attention kernel")
+    ap.add_argument("--also-kernels", default="",
+                    help="comma-separated kernels: each case also decodes LagKV with each of them (row['lagkv_by_kernel'])")
     ap.add_argument("--compression", default="host", choices=("host", "step"),
                     help="LagKV decode: compress between steps when a partition is due (host) or inside every step")
     ap.add_argument("--kernel-bench", type=int, default=1, help="also time each kernel alone (1/0)")
@@ -467,6 +484,10 @@ def normalize_args(args: argparse.Namespace) -> argparse.Namespace:
     """Parsed flags in the form `run_inference` reads (modes as a list, compile as True / False / "force")."""
     if isinstance(args.modes, str):
         args.modes = args.modes.split(",")
+    if isinstance(args.also_kernels, str):
+        args.also_kernels = [k for k in args.also_kernels.split(",") if k]
+    if set(args.also_kernels) - set(KERNELS):
+        raise ValueError(f"--also-kernels: accepted a comma-separated subset of {KERNELS}, got {args.also_kernels}")
     unknown = set(args.modes) - set(MODES)
     if unknown or LAGKV not in args.modes:
         raise ValueError(f"--modes: accepted {MODES} (with {LAGKV}), got {args.modes}")
@@ -540,6 +561,8 @@ def print_summary(result: dict) -> None:
             f"{row['fastest_full_mode']}) prefill x{row['prefill_speedup']:.2f} kv bytes x{row['kv_bytes_ratio']:.3f} "
             f"bw {row['bandwidth_fraction'] if row['bandwidth_fraction'] is None else round(row['bandwidth_fraction'], 3)} "
             f"syncs/step {row['host_syncs_per_step']}")
+        for k, speedup in row.get("decode_speedup_by_kernel", {}).items():
+            log(f"    kernel={k}: decode x{speedup:.2f} ({row['lagkv_by_kernel'][k]['decode_tokens_per_s']:.0f} tok/s)")
     if inf.get("fit"):
         f = inf["fit"]
         log(f"fit {f['prompt_len']}-token sequences in 100 GiB: full {f['max_batch_full']}, LagKV {f['max_batch_lagkv']} "
