@@ -247,8 +247,7 @@ def run_mode(model, mode: str, ids: torch.Tensor, cfg: LagConfig, args, step_fn,
 def bench_kernels(b: int, slots: int, shapes: dict, device, dtype, reps: int = 20) -> dict:
     """Seconds of one model step's attention (all layers) over a buffer of ``slots`` slots, Q = 1, per kernel.
 
-    On CUDA each kernel's 30 calls are captured in one CUDA graph (launch overhead removed), like compiled decoding;
-    "flex" is compiled first (eager FlexAttention is its reference implementation), the others run as eager ops.
+    On CUDA each kernel's 30 calls are captured in one CUDA graph (launch overhead removed), like compiled decoding.
     """
     hq, hkv, d, layers = shapes["num_attention_heads"], shapes["num_key_value_heads"], shapes["head_dim"], shapes["num_hidden_layers"]
     g = torch.Generator(device=device).manual_seed(0)
@@ -259,15 +258,11 @@ def bench_kernels(b: int, slots: int, shapes: dict, device, dtype, reps: int = 2
     out = {}
     ref = buffer_attention(q, k, v, mask, kernel="sdpa_repeat").float()
     for kernel in KERNELS:
-        # flex runs compiled (eager FlexAttention is its reference implementation); the others as the eager ops
-        attend = (torch.compile(functools.partial(buffer_attention, kernel=kernel), fullgraph=True)
-                  if kernel == "flex" and device.type == "cuda" else functools.partial(buffer_attention, kernel=kernel))
-
         def step():
             for _ in range(layers):
-                attend(q, k, v, mask)
+                buffer_attention(q, k, v, mask, kernel=kernel)
         try:
-            err = (attend(q, k, v, mask).float() - ref).abs().max().item()
+            err = (buffer_attention(q, k, v, mask, kernel=kernel).float() - ref).abs().max().item()
             if device.type == "cuda":
                 step()
                 torch.cuda.synchronize()
@@ -330,20 +325,20 @@ def run_inference(cases: list[tuple[int, int]], cfg: LagConfig, args, device: to
         for mode, kernel in runs:  # kernel None: args.kernel, stored under row[mode]; else under row["lagkv_by_kernel"]
             t0 = time.perf_counter()
             try:
-                result_ = run_mode(model, mode, ids, cfg, args, step_fn, bandwidth, kernel)
+                measured = run_mode(model, mode, ids, cfg, args, step_fn, bandwidth, kernel)
             except torch.OutOfMemoryError as e:
-                result_ = {"error": "out of memory: " + str(e)[:200]}
+                measured = {"error": "out of memory: " + str(e)[:200]}
             except Exception as e:
-                result_ = {"error": repr(e)[:500], "traceback": traceback.format_exc()[-2000:]}
+                measured = {"error": repr(e)[:500], "traceback": traceback.format_exc()[-2000:]}
                 log(traceback.format_exc())
-            result_["wall_s"] = time.perf_counter() - t0
+            measured["wall_s"] = time.perf_counter() - t0
             if kernel is None:
-                row[mode] = result_
+                row[mode] = measured
             else:
-                row.setdefault("lagkv_by_kernel", {})[kernel] = result_
+                row.setdefault("lagkv_by_kernel", {})[kernel] = measured
             log(f"  N={n} B={b} {mode}{'' if kernel is None else ' kernel=' + kernel}: "
                 + json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
-                              for k, v in result_.items() if k not in ("traceback", "profile")})[:400])
+                              for k, v in measured.items() if k not in ("traceback", "profile")})[:400])
         disable_static_lagkv(model)
         summarize_row(row)
         result["rows"].append(row)

@@ -12,26 +12,21 @@ Kernels (``KERNELS``; all compute the same attention, tested equal):
   ([B, H_kv, G Q, d]), so SDPA reads each KV head once, without repeating K/V (any backend that takes a mask).
 - ``"matmul"``: the same folding with explicit matrix products and a float32 softmax (cuBLAS + fused pointwise
   under torch.compile).
-- ``"flex"``: FlexAttention with native GQA (``enable_gqa``) and the slot mask as a ``score_mod``. Compiled on CUDA
-  (a compiled decode step), a few queries take FlexAttention's decoding kernel, which splits the M slots over many
-  thread blocks (split-KV, "flash decoding") instead of one block per (batch row, head) sweeping all of them. Eager,
-  it is PyTorch's reference implementation of FlexAttention (correct, not fast); compiled on a CPU it is refused
-  (inductor's CPU template cannot read a mask computed inside the graph).
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import flex_attention
 
-KERNELS = ("sdpa_repeat", "sdpa_folded", "matmul", "flex")
+KERNELS = ("sdpa_repeat", "sdpa_folded", "matmul")
 #: The kernel used when none is named: the fastest of the three in a whole compiled decode step (CUDA graph,
 #: host-scheduled compression, 16k prompt, bf16; data/results/bench_h100/bench_inference_*.json, one H100):
-#: sdpa_folded 234 tok/s at batch 1 and 542 at batch 16, matmul 220 and 318. Timed alone, kernel by kernel (30 layers'
-#: attention of one step, eager), matmul is the fastest (LagKV buffer, batch 1/16/64: 0.81/1.58/4.05 ms, sdpa_folded
-#: 2.28/2.35/4.42): inside the compiled step it is not, so the default follows the whole-step measurement.
+#: sdpa_folded 234 tok/s at batch 1 and 542 at batch 16, matmul 220 and 318 (both runs before the cache's in-place
+#: write fix; after it, sdpa_folded decodes 4,288 tok/s at batch 16: bench_inference_inplace.json). Timed alone,
+#: kernel by kernel (30 layers' attention of one step), matmul is the fastest (LagKV buffer, batch 1/16/64:
+#: 0.81/1.58/4.05 ms, sdpa_folded 2.28/2.35/4.42): inside the compiled step it was not, so the default follows the
+#: whole-step measurement. (A FlexAttention kernel was tried, 2026-12-07: inside the compiled step its Triton
+#: template failed to compile, and alone it took 200 ms for the 30 layers at batch 16; it is not offered.)
 DEFAULT_KERNEL = "sdpa_folded"
 
 
@@ -70,8 +65,6 @@ def buffer_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     h_kv = key.shape[1]
     groups = hq // h_kv
     scale = d ** -0.5 if scaling is None else scaling
-    if kernel == "flex":
-        return _flex_buffer_attention(query, key, value, mask, scale)
     if kernel == "sdpa_repeat":
         k, v = (t.repeat_interleave(groups, dim=1) if groups > 1 else t for t in (key, value))
         return F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scale)
@@ -85,24 +78,3 @@ def buffer_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     else:
         check_kernel(kernel)
     return out.reshape(b, hq, q, d)
-
-
-def _flex_buffer_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
-                           scale: float) -> torch.Tensor:
-    """The ``"flex"`` kernel: [B, H_q, Q, d] over [B, H_kv, M, d], hidden slots scored -inf (``mask`` [1|B, 1, Q, M])."""
-    batched = mask.shape[0] > 1
-
-    def hide_unwritten_slots(score, b, h, q_idx, kv_idx):
-        return torch.where(mask[b if batched else 0, 0, q_idx, kv_idx], score, -float("inf"))
-
-    def attend():
-        return flex_attention(query, key, value, score_mod=hide_unwritten_slots, enable_gqa=True, scale=scale)
-
-    if torch.compiler.is_compiling():  # a compiled step: FlexAttention's fused (decoding) kernels
-        if not query.is_cuda:  # inductor's CPU FlexAttention template rejects a mask computed inside the graph
-            raise ValueError("kernel='flex' compiles on CUDA only (inductor's CPU FlexAttention template cannot read "
-                             "the slot mask); decode eagerly or choose kernel='sdpa_folded' on a CPU")
-        return attend()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*flex_attention.*")  # eager: the reference implementation, intended
-        return attend()
