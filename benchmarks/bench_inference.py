@@ -35,7 +35,10 @@ Reported per row (keys as bench_lrsa's former inference rows, plus more):
   and "fit": the largest batch of sequences of the longest prompt whose caches fit in 100 GiB, computed from the
   measured allocated bytes per sequence (cache buffers only). ``--fit-only N`` computes only that, for N-token
   prompts, from both caches allocated on the CPU (no GPU needed: the buffer sizes do not depend on the device;
-  at 16,384 tokens it gives the H200 run's bytes exactly, tested).
+  at 16,384 tokens with ``--new-tokens 64`` it gives the H200 run's bytes exactly, tested).
+  Per mode also: "profile" (the profiled steps' GPU milliseconds per step, its top kernels, CUDA-graph launches
+  per step) and "cudagraph_skips" (compiled graphs inductor could not capture). ``--also-kernels k1,k2`` decodes
+  LagKV once more per kernel in the same process (``row["lagkv_by_kernel"]``, ``decode_speedup_by_kernel``).
 """
 from __future__ import annotations
 
