@@ -145,9 +145,9 @@ def test_static_generate_equals_the_teaching_path(model, cfg, prompt_len):
     ids = torch.randint(0, 256, (2, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
     new = 3 * cfg.lag_size + 5  # several compressions during decoding
     expected = compressed_generate(model, ids, cfg, max_new_tokens=new, do_sample=False)
-    for kernel in KERNELS:
-        out, cache = static_generate(model, ids, cfg, new, kernel=kernel, return_cache=True)
-        assert torch.equal(out, expected), kernel
+    for kernel, host in [(k, True) for k in KERNELS] + [(DEFAULT_KERNEL, False)]:  # compression between / in steps
+        out, cache = static_generate(model, ids, cfg, new, kernel=kernel, host_compression=host, return_cache=True)
+        assert torch.equal(out, expected), (kernel, host)
     assert model.config._attn_implementation == "sdpa"
     _, teaching = chunked_prefill(model, out[:, :-1], cfg)
     for layer in range(model.config.num_hidden_layers):
@@ -246,7 +246,8 @@ def test_decode_step_compiles_to_one_graph_without_host_reads(model):
             torch._dynamo.reset()
             counters.clear()
             step = decode_step if name == "eager" else compiled_decode_step(backend="eager")
-            tokens[name] = greedy_decode(model, cache, logits[:, -1:].argmax(-1), 59, step_fn=step)
+            tokens[name] = greedy_decode(model, cache, logits[:, -1:].argmax(-1), 59, step_fn=step,
+                                         host_compression=False)  # the compression inside the compiled step
             if name == "compiled":
                 assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
                 assert not counters["graph_break"], dict(counters["graph_break"])
@@ -294,14 +295,15 @@ def test_compiled_decode_step_writes_the_cache_in_place(model, host_compression,
     assert torch.equal(tokens["eager"], tokens["inductor"])
 
 
-def test_decode_reads_nothing_back(model):
+@pytest.mark.parametrize("host_compression", [True, False])
+def test_decode_reads_nothing_back(model, host_compression):
     """No aten::_local_scalar_dense (what .item(), int(t), bool(t) run) in eager decode steps."""
     from torch.profiler import ProfilerActivity, profile
 
     cfg = LagConfig(4, 16, 0.25)
     logits, cache = static_prefill(model, torch.randint(0, 256, (1, 40)), cfg, 40 + 40)
     with static_lagkv(model, cfg), profile(activities=[ProfilerActivity.CPU]) as prof:
-        greedy_decode(model, cache, logits[:, -1:].argmax(-1), 35)  # crosses compressions
+        greedy_decode(model, cache, logits[:, -1:].argmax(-1), 35, host_compression=host_compression)  # compresses
     names = {e.key for e in prof.key_averages()}
     assert "aten::_local_scalar_dense" not in names and "aten::item" not in names
     assert "aten::index_copy_" in names  # the profile did see the decode steps
