@@ -7,10 +7,10 @@ than transformers' full StaticCache in its fastest form (compiled, CUDA graphs):
 18.5 ms per step, zero host syncs, one CUDA-graph replay per step; prefill 1.20x dense. Batch 1 and 64 were not
 timed in that run. Part of the gap is the baseline's own: 8.2 of its 18.3 ms of GPU time per step go to copying K/V
 for grouped-query heads (transformers' SDPA path repeats them); the like-for-like comparison (the full cache decoded
-with this module's kernel, ``--modes full_cache_buffer``) was not run. Every earlier run decoded SLOWER than the full cache (0.31x-0.75x on an H200 and an H100,
-data/results/bench_h200_x2, bench_h100): the compiled step copied every layer's whole K/V slice around its one-slot
-write (`StaticLagKVCache.update`), found on a CPU from inductor's generated code and fixed. It keeps 26% of the KV
-bytes.
+with this module's kernel, ``--modes full_cache_buffer``) was not run. Every earlier run decoded SLOWER than the full
+cache (0.31x-0.75x on an H200 and an H100, data/results/bench_h200_x2, bench_h100): the compiled step copied every
+layer's whole K/V slice around its one-slot write (`StaticLagKVCache.update`), found on a CPU from inductor's
+generated code and fixed. It keeps 26% of the KV bytes.
 
 `enable_static_lagkv(model, config)` registers the attention implementation ``"lagkv_static"``:
 
