@@ -370,9 +370,14 @@ def summarize_row(row: dict) -> None:
     """decode/prefill speed-ups and byte ratios against the fastest full-cache mode that ran."""
     lag = row.get(LAGKV, {})
     fulls = {m: row[m] for m in FULL_MODES if m in row and "error" not in row[m]}
-    if "error" in lag or not lag or not fulls:
+    if not fulls:
         return
     fastest = max(fulls, key=lambda m: fulls[m]["decode_tokens_per_s"])
+    if row.get("lagkv_by_kernel"):  # --also-kernels: the same LagKV decode with other kernels (even if --kernel failed)
+        row["decode_speedup_by_kernel"] = {k: r["decode_tokens_per_s"] / fulls[fastest]["decode_tokens_per_s"]
+                                           for k, r in row["lagkv_by_kernel"].items() if "error" not in r}
+    if "error" in lag or not lag:
+        return
     sdpa = fulls.get("full_cache_sdpa", fulls[fastest])
     row["fastest_full_mode"] = fastest
     row["decode_tokens_per_s"] = lag["decode_tokens_per_s"]
@@ -383,9 +388,6 @@ def summarize_row(row: dict) -> None:
     row["kv_bytes_ratio_stored"] = lag["kv_bytes_after_prefill"] / sdpa["kv_bytes_after_prefill"]
     row["bandwidth_fraction"] = lag["bandwidth_fraction"]
     row["host_syncs_per_step"] = lag["host_syncs_per_step"]
-    if row.get("lagkv_by_kernel"):  # --also-kernels: the same LagKV decode with other buffer-attention kernels
-        row["decode_speedup_by_kernel"] = {k: r["decode_tokens_per_s"] / fulls[fastest]["decode_tokens_per_s"]
-                                           for k, r in row["lagkv_by_kernel"].items() if "error" not in r}
 
 
 def fit_summary(rows: list[dict]) -> dict:
