@@ -37,7 +37,8 @@ Reported per row (keys as bench_lrsa's former inference rows, plus more):
   prompts, from both caches allocated on the CPU (no GPU needed: the buffer sizes do not depend on the device;
   at 16,384 tokens with ``--new-tokens 64`` it gives the H200 run's bytes exactly, tested).
   Per mode also: "profile" (the profiled steps' GPU milliseconds per step, its top kernels, CUDA-graph launches
-  per step) and "cudagraph_skips" (compiled graphs inductor could not capture). ``--also-kernels k1,k2`` decodes
+  per step), "prefill_profile" (the same for one prefill into a fresh cache) and "cudagraph_skips" (compiled
+  graphs inductor could not capture). ``--also-kernels k1,k2`` decodes
   LagKV once more per kernel in the same process (``row["lagkv_by_kernel"]``, ``decode_speedup_by_kernel``).
 """
 from __future__ import annotations
@@ -200,6 +201,9 @@ def run_mode(model, mode: str, ids: torch.Tensor, cfg: LagConfig, args, step_fn,
                               device)
             prefill_s.append(t)
         tok = logits[:, -1:].argmax(-1)
+        prefill_profile = profile_steps(  # where the prefill's GPU time goes (a fresh cache, as timed)
+            lambda: model(input_ids=ids, past_key_values=make_cache(mode, model, max_len, cfg, flex), use_cache=True,
+                          logits_to_keep=1), 1, device) if args.sync_steps else {}
         if mode != LAGKV:  # a new StaticCache re-records CUDA graphs instead of recompiling (same decode work)
             for layer in cache.layers:
                 for t in (layer.keys, layer.values, layer.cumulative_length):
@@ -237,6 +241,7 @@ def run_mode(model, mode: str, ids: torch.Tensor, cfg: LagConfig, args, step_fn,
            "bandwidth_fraction": (weight_bytes + kv_read) / step_s / bandwidth if math.isfinite(bandwidth) else None,
            "bandwidth_fraction_nominal": (weight_bytes + kv_read) / step_s / NOMINAL_BANDWIDTH,
            "host_syncs_per_step": profiled.get("host_syncs_per_step"), "profile": profiled,
+           "prefill_profile": prefill_profile,
            "cudagraph_skips": cudagraph_skips() - skips_before}
     if mode == LAGKV:
         row["buffer_slots"] = cache.capacity
@@ -341,7 +346,7 @@ def run_inference(cases: list[tuple[int, int]], cfg: LagConfig, args, device: to
                 row.setdefault("lagkv_by_kernel", {})[kernel] = measured
             log(f"  N={n} B={b} {mode}{'' if kernel is None else ' kernel=' + kernel}: "
                 + json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
-                              for k, v in measured.items() if k not in ("traceback", "profile")})[:400])
+                              for k, v in measured.items() if k not in ("traceback", "profile", "prefill_profile")})[:400])
         disable_static_lagkv(model)
         summarize_row(row)
         result["rows"].append(row)

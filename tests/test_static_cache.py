@@ -425,6 +425,7 @@ def test_inference_benchmark_smoke(tmp_path):
         assert set(lagkv["profile"]) == {"host_syncs_per_step", "graph_launches_per_step", "device_ms_per_step",
                                          "top_kernels"}
         assert lagkv["profile"]["host_syncs_per_step"] == 0 and isinstance(lagkv["cudagraph_skips"], int)
+        assert set(lagkv["prefill_profile"]) == set(lagkv["profile"])
         by_kernel = row["lagkv_by_kernel"]["matmul"]  # --also-kernels: the same decode with another kernel
         assert by_kernel["decode_tokens_per_s"] > 0 and set(row["decode_speedup_by_kernel"]) == {"matmul"}
         assert row["lagkv_cache_fast_lrsa"]["eq12_after_prefill"] == LagConfig(4, 16, 0.25).retained_length(150)
