@@ -57,7 +57,7 @@ from pathlib import Path
 import torch
 
 from lrsa_viz import LagConfig, cast_model, environment_record
-from lrsa_viz.fast.cost import H200_BANDWIDTH, SMOLLM2_CONFIG
+from lrsa_viz.fast.cost import SMOLLM2_CONFIG, datasheet_bandwidth
 from lrsa_viz.fast.decode import DEFAULT_KERNEL, KERNELS, buffer_attention, slot_mask
 from lrsa_viz.static_cache import StaticLagKVCache, stored_length
 from lrsa_viz.static_generate import (compiled_decode_step, decode_step, disable_static_lagkv, enable_static_lagkv,
@@ -70,8 +70,6 @@ MODES = ("full_cache_sdpa", "full_cache_buffer", "lagkv_cache_fast_lrsa")
 FULL_MODES = ("full_cache_sdpa", "full_cache_buffer")
 LAGKV = "lagkv_cache_fast_lrsa"
 FIT_BYTES = 100 * 2 ** 30
-#: The H200's datasheet memory bandwidth (bytes/s); the fraction is also given against the measured copy rate.
-NOMINAL_BANDWIDTH = H200_BANDWIDTH
 SYNC_EVENTS = ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 
 
@@ -142,6 +140,11 @@ def profile_steps(fn, steps: int, device: torch.device, top: int = 12) -> dict:
             "device_ms_per_step": sum(e.self_device_time_total for e in kernels) / 1e3 / steps,
             "top_kernels": [{"name": e.key[:160], "ms_per_step": e.self_device_time_total / 1e3 / steps,
                              "calls_per_step": e.count / steps} for e in kernels[:top]]}
+
+
+def nominal_bandwidth(device: torch.device) -> float | None:
+    """The device's datasheet memory bandwidth, bytes/s (None on a CPU or an unlisted GPU)."""
+    return datasheet_bandwidth(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
 
 def cudagraph_skips() -> int:
@@ -233,13 +236,14 @@ def run_mode(model, mode: str, ids: torch.Tensor, cfg: LagConfig, args, step_fn,
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     kv_read = 2 * layers * b * h_kv * d * elsize * stored_mid
     step_s = decode_s / args.new_tokens
+    nominal = nominal_bandwidth(device)
     row = {"prefill_s": prefill_s[-1], "prefill_first_s": prefill_s[0], "warmup_decode_s": warmup_s, "decode_s": decode_s,
            "decode_tokens_per_s": b * args.new_tokens / decode_s, "step_ms": step_s * 1e3,
            "kv_bytes_allocated": allocated, "kv_bytes_per_sequence": allocated / b,
            "kv_bytes_after_prefill": 2 * layers * b * h_kv * d * elsize * stored_after_prefill,
            "stored_tokens_mid_decode": stored_mid, "bytes_per_step_min": weight_bytes + kv_read,
            "bandwidth_fraction": (weight_bytes + kv_read) / step_s / bandwidth if math.isfinite(bandwidth) else None,
-           "bandwidth_fraction_nominal": (weight_bytes + kv_read) / step_s / NOMINAL_BANDWIDTH,
+           "bandwidth_fraction_nominal": (weight_bytes + kv_read) / step_s / nominal if nominal else None,
            "host_syncs_per_step": profiled.get("host_syncs_per_step"), "profile": profiled,
            "prefill_profile": prefill_profile,
            "cudagraph_skips": cudagraph_skips() - skips_before}
@@ -321,7 +325,7 @@ def run_inference(cases: list[tuple[int, int]], cfg: LagConfig, args, device: to
     compile_step = args.compile and device.type == "cuda" or args.compile == "force"
     step_fn = compiled_decode_step(dynamic=True) if compile_step else decode_step
     modes = [m for m in MODES if m in args.modes]
-    result = {"device_bandwidth_bytes_per_s": bandwidth, "nominal_bandwidth_bytes_per_s": NOMINAL_BANDWIDTH,
+    result = {"device_bandwidth_bytes_per_s": bandwidth, "nominal_bandwidth_bytes_per_s": nominal_bandwidth(device),
               "decode": {"compiled": bool(compile_step), "mode": "reduce-overhead", "fullgraph": True, "dynamic": True,
                          "compression": args.compression,
                          "kernel": args.kernel, "warmup_steps": args.warmup_steps, "new_tokens": args.new_tokens},

@@ -1,16 +1,17 @@
 """Compressed generation over fixed buffers (no host sync per step): one parallel LRSA prefill into a
 `StaticLagKVCache`, then decoding over its fixed-size buffers (eager, or compiled with CUDA graphs).
 
-Measured on an H100 (2026-12-07 evening, data/results/bench_h100/bench_inference_inplace.json; 16k-token prompts,
-bf16, SmolLM2-135M shapes, host-scheduled compression, sdpa_folded kernel): at batch 16 it decodes **4.95x** faster
-than transformers' full StaticCache in its fastest form (compiled, CUDA graphs): 4,288 vs 866 tokens/s, 3.7 vs
-18.5 ms per step, zero host syncs, one CUDA-graph replay per step; prefill 1.20x dense. Batch 1 and 64 were not
-timed in that run. Part of the gap is the baseline's own: 8.2 of its 18.3 ms of GPU time per step go to copying K/V
-for grouped-query heads (transformers' SDPA path repeats them); the like-for-like comparison (the full cache decoded
-with this module's kernel, ``--modes full_cache_buffer``) was not run. Every earlier run decoded SLOWER than the full
-cache (0.31x-0.75x on an H200 and an H100, data/results/bench_h200_x2, bench_h100): the compiled step copied every
-layer's whole K/V slice around its one-slot write (`StaticLagKVCache.update`), found on a CPU from inductor's
-generated code and fixed. It keeps 26% of the KV bytes.
+Measured on an H100 (2026-12-07, data/results/bench_h100/bench_inference_b1_kernels.json and
+_b16_b64_kernels.json; 16k-token prompts, bf16, SmolLM2-135M shapes, host-scheduled compression, the default
+``matmul`` kernel): decoding is **1.47x** faster than transformers' full StaticCache in its fastest form (compiled,
+CUDA graphs) at batch 1 and **7.42x** at batch 16 (586 vs 399 and 6,505 vs 877 tokens/s); 14,870 tokens/s at batch
+64 (the full cache's 64 x 16k prefill did not fit the H100's 80 GB); zero host syncs, one CUDA-graph replay per step.
+Part of the batch-16 gap is the baseline's own: 8.2 of its 18.3 ms of GPU time per step go to repeating K/V for
+grouped-query heads (transformers' SDPA path). Prefill is 1.19x dense at batch 16 but **0.48-0.58x at batch 1**,
+where it is host-bound: 42 ms of GPU time (dense: 47) in 96-115 ms of wall time. Every run before the in-place
+write fix decoded SLOWER than the full cache (0.31x-0.75x on an H200 and an H100, data/results/bench_h200_x2,
+bench_h100): the compiled step copied every layer's whole K/V slice around its one-slot write
+(`StaticLagKVCache.update`), found on a CPU from inductor's generated code and fixed. It keeps 26% of the KV bytes.
 
 `enable_static_lagkv(model, config)` registers the attention implementation ``"lagkv_static"``:
 

@@ -325,6 +325,14 @@ def test_autocast_selects_from_the_given_tensors():
         fast_lrsa_attention(q, k, v.bfloat16(), cfg, block_size=16)
 
 
+def test_datasheet_bandwidth_by_device_name():
+    """Bandwidth fractions are taken against the GPU the run had (an H100 run is not measured against an H200)."""
+    from lrsa_viz.fast.cost import datasheet_bandwidth
+    assert datasheet_bandwidth("NVIDIA H200") == 4.8e12
+    assert datasheet_bandwidth("NVIDIA H100 80GB HBM3") == 3.35e12 and datasheet_bandwidth("NVIDIA H100 PCIe") == 2.0e12
+    assert datasheet_bandwidth("NVIDIA GeForce RTX 4090") is None
+
+
 def test_cost_model_counts_the_mask():
     for cfg, n, _ in CASES:
         _, k, v = random_qkv(n, b=1, hkv=1)

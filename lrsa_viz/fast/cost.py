@@ -18,6 +18,14 @@ SMOLLM2_135M = {short: SMOLLM2_CONFIG[name] for short, name in (
     ("head_dim", "head_dim"))}
 #: The H200's datasheet memory bandwidth, bytes/s.
 H200_BANDWIDTH = 4.8e12
+#: Datasheet memory bandwidth (bytes/s) by a part of the CUDA device name, most specific first.
+DATASHEET_BANDWIDTH = (("H200", H200_BANDWIDTH), ("H100 PCIe", 2.0e12), ("H100", 3.35e12))
+
+
+def datasheet_bandwidth(device_name: str) -> float | None:
+    """The datasheet memory bandwidth (bytes/s) of a GPU named like ``torch.cuda.get_device_name()``, e.g.
+    "NVIDIA H100 80GB HBM3" -> 3.35e12 (H100 SXM); None for a device not in `DATASHEET_BANDWIDTH`."""
+    return next((bw for part, bw in DATASHEET_BANDWIDTH if part in device_name), None)
 
 #: Matrix products per attention call: forward QK^T and PV; backward recomputes QK^T, then dV, dP, dQ, dK.
 FORWARD_MATMULS, BACKWARD_MATMULS = 2, 5

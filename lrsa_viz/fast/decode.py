@@ -20,14 +20,14 @@ import torch.nn.functional as F
 
 KERNELS = ("sdpa_repeat", "sdpa_folded", "matmul")
 #: The kernel used when none is named: the fastest of the three in a whole compiled decode step (CUDA graph,
-#: host-scheduled compression, 16k prompt, bf16; data/results/bench_h100/bench_inference_*.json, one H100):
-#: sdpa_folded 234 tok/s at batch 1 and 542 at batch 16, matmul 220 and 318 (both runs before the cache's in-place
-#: write fix; after it, sdpa_folded decodes 4,288 tok/s at batch 16: bench_inference_inplace.json). Timed alone,
-#: kernel by kernel (30 layers' attention of one step), matmul is the fastest (LagKV buffer, batch 1/16/64:
-#: 0.81/1.58/4.05 ms, sdpa_folded 2.28/2.35/4.42): inside the compiled step it was not, so the default follows the
-#: whole-step measurement. (A FlexAttention kernel was tried, 2026-12-07: inside the compiled step its Triton
-#: template failed to compile, and alone it took 200 ms for the 30 layers at batch 16; it is not offered.)
-DEFAULT_KERNEL = "sdpa_folded"
+#: host-scheduled compression, 16k prompt, bf16, one H100, side by side in one process:
+#: data/results/bench_h100/bench_inference_b1_kernels.json and _b16_b64_kernels.json): matmul decodes 586 / 6,505 /
+#: 14,870 tokens/s at batch 1 / 16 / 64, sdpa_folded 267 / 4,198 / 11,320 (SDPA with a mask and a few query rows
+#: per head runs on few thread blocks). Before the cache's in-place write fix the order inside the step was the
+#: reverse (bench_inference_matmul.json, _sdpa_folded.json): those runs timed a per-layer copy of the whole K/V
+#: slice. (A FlexAttention kernel was tried, 2026-12-07: inside the compiled step its Triton template failed to
+#: compile, and alone it took 200 ms for the 30 layers at batch 16; it is not offered.)
+DEFAULT_KERNEL = "matmul"
 
 
 def slot_mask(offset: int | torch.Tensor, q_length: int, kv_length: int, device: torch.device | str) -> torch.Tensor:
