@@ -117,7 +117,9 @@ def profile_steps(fn, steps: int, device: torch.device, top: int = 12) -> dict:
     """torch.profiler over ``steps`` calls of ``fn``: host syncs per call (aten::_local_scalar_dense and CUDA
     synchronize calls, minus those of an empty profiled region) and, on CUDA, where the GPU time goes: device
     milliseconds per call in total and for the ``top`` kernels (kernels replayed from CUDA graphs included), and
-    the CUDA-graph launches per call (0 means the step did not replay a graph)."""
+    the CUDA-graph launches per call (0 means the step did not replay a graph); on the host, the ``top`` operators
+    by self CPU time and the operator calls per call (a host-bound call shows many calls and CPU milliseconds
+    close to its wall time; the profiler's own overhead is included)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -135,11 +137,17 @@ def profile_steps(fn, steps: int, device: torch.device, top: int = 12) -> dict:
     syncs = sum(e.count for e in events if e.key in SYNC_EVENTS) - sum(e.count for e in empty if e.key in SYNC_EVENTS)
     kernels = sorted((e for e in events if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0),
                      key=lambda e: -e.self_device_time_total)
+    host = sorted((e for e in events if e.device_type == DeviceType.CPU and e.self_cpu_time_total > 0),
+                  key=lambda e: -e.self_cpu_time_total)
     return {"host_syncs_per_step": syncs / steps,
             "graph_launches_per_step": sum(e.count for e in events if e.key == "cudaGraphLaunch") / steps,
             "device_ms_per_step": sum(e.self_device_time_total for e in kernels) / 1e3 / steps,
             "top_kernels": [{"name": e.key[:160], "ms_per_step": e.self_device_time_total / 1e3 / steps,
-                             "calls_per_step": e.count / steps} for e in kernels[:top]]}
+                             "calls_per_step": e.count / steps} for e in kernels[:top]],
+            "host_ops_per_step": sum(e.count for e in host) / steps,
+            "host_ms_per_step": sum(e.self_cpu_time_total for e in host) / 1e3 / steps,
+            "top_host_ops": [{"name": e.key[:160], "ms_per_step": e.self_cpu_time_total / 1e3 / steps,
+                              "calls_per_step": e.count / steps} for e in host[:top]]}
 
 
 def nominal_bandwidth(device: torch.device) -> float | None:

@@ -406,7 +406,10 @@ def test_benchmark_profile_counts_host_reads():
     x = torch.arange(6.0)
     cpu = torch.device("cpu")
     assert bench_inference.profile_steps(lambda: x * 2, 4, cpu)["host_syncs_per_step"] == 0
-    assert bench_inference.profile_steps(lambda: [x.sum().item(), x.max().item()], 4, cpu)["host_syncs_per_step"] == 2
+    reads = bench_inference.profile_steps(lambda: [x.sum().item(), x.max().item()], 4, cpu)
+    assert reads["host_syncs_per_step"] == 2
+    assert {op["name"] for op in reads["top_host_ops"]} >= {"aten::sum", "aten::max"}  # host operators, per step
+    assert reads["host_ops_per_step"] >= 4 and reads["host_ms_per_step"] > 0
 
 
 def test_inference_benchmark_smoke(tmp_path):
@@ -428,7 +431,8 @@ def test_inference_benchmark_smoke(tmp_path):
         assert 0 < row["kv_bytes_ratio"] < 1
         lagkv = row["lagkv_cache_fast_lrsa"]  # the profile and the CUDA-graph skips are recorded (kernels: CUDA only)
         assert set(lagkv["profile"]) == {"host_syncs_per_step", "graph_launches_per_step", "device_ms_per_step",
-                                         "top_kernels"}
+                                         "top_kernels", "host_ops_per_step", "host_ms_per_step", "top_host_ops"}
+        assert lagkv["profile"]["host_ops_per_step"] > 0 and lagkv["profile"]["top_host_ops"][0]["ms_per_step"] > 0
         assert lagkv["profile"]["host_syncs_per_step"] == 0 and isinstance(lagkv["cudagraph_skips"], int)
         assert set(lagkv["prefill_profile"]) == set(lagkv["profile"])
         by_kernel = row["lagkv_by_kernel"]["matmul"]  # --also-kernels: the same decode with another kernel
