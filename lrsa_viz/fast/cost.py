@@ -27,6 +27,7 @@ def datasheet_bandwidth(device_name: str) -> float | None:
     "NVIDIA H100 80GB HBM3" -> 3.35e12 (H100 SXM); None for a device not in `DATASHEET_BANDWIDTH`."""
     return next((bw for part, bw in DATASHEET_BANDWIDTH if part in device_name), None)
 
+
 #: Matrix products per attention call: forward QK^T and PV; backward recomputes QK^T, then dV, dP, dQ, dK.
 FORWARD_MATMULS, BACKWARD_MATMULS = 2, 5
 
