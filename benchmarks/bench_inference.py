@@ -505,6 +505,8 @@ def normalize_args(args: argparse.Namespace) -> argparse.Namespace:
         args.also_kernels = [k for k in args.also_kernels.split(",") if k]
     if set(args.also_kernels) - set(KERNELS):
         raise ValueError(f"--also-kernels: accepted a comma-separated subset of {KERNELS}, got {args.also_kernels}")
+    if args.kernel in args.also_kernels:
+        raise ValueError(f"--also-kernels: kernels other than --kernel ({args.kernel}, timed anyway), got {args.also_kernels}")
     unknown = set(args.modes) - set(MODES)
     if unknown or LAGKV not in args.modes:
         raise ValueError(f"--modes: accepted {MODES} (with {LAGKV}), got {args.modes}")

@@ -468,24 +468,22 @@ def training_modes(kernels) -> dict:
     return {"dense_sdpa": None, **{"fast_lrsa" if i == 0 else f"fast_lrsa_{k}": k for i, k in enumerate(kernels)}}
 
 
-def memory_by_phase(model, ids, opt) -> dict | None:
+def memory_by_phase(forward, update) -> dict | None:
     """Where a training step's peak memory lies (CUDA; None elsewhere), GiB allocated: before the step (weights,
-    optimizer state), after the forward (+ what autograd saved for the backward, + the loss), the peak of the
-    forward, and the peak of the backward and optimizer step. A mode that saves more for the backward shows it in
-    ``after_forward``; one with larger temporaries in ``peak_forward`` or ``peak_backward``."""
+    optimizer state), after ``loss = forward()`` (+ what autograd saved for the backward, + the loss), the peak of the
+    forward, and the peak of ``update(loss)`` (backward and optimizer step). A mode that saves more for the backward
+    shows it in ``after_forward``; one with larger temporaries in ``peak_forward`` or ``peak_backward``."""
     if RUN["device"] != "cuda":
         return None
     gib = 2 ** 30
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss = forward()
     torch.cuda.synchronize()
     after_forward, peak_forward = torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    update(loss)
     torch.cuda.synchronize()
     return {"before_step": before / gib, "after_forward": after_forward / gib, "peak_forward": peak_forward / gib,
             "peak_backward": torch.cuda.max_memory_allocated() / gib}
@@ -507,11 +505,17 @@ def bench_training(cases, cfg, kernels, steps=3) -> list[dict]:
             else:
                 enable_lrsa(model, cfg, backend="reference" if backend == "reference" else "flex")
 
-            def step():
-                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            def forward():
+                return model(input_ids=ids, labels=ids, use_cache=False).loss
+
+            def update(loss):
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+
+            def step():
+                loss = forward()
+                update(loss)
                 return loss
 
             try:
@@ -524,7 +528,7 @@ def bench_training(cases, cfg, kernels, steps=3) -> list[dict]:
                         torch.cuda.reset_peak_memory_stats()
                     t = median_time(step, min_reps=steps, max_reps=steps, warmup=0)
                     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if RUN["device"] == "cuda" else None
-                    phases = memory_by_phase(model, ids, opt)
+                    phases = memory_by_phase(forward, update)
                 row[mode] = {"step_s": t["median_s"], "tokens_per_s": batch * n / t["median_s"],
                              "peak_memory_gib": peak, "memory_by_phase": phases, "host_syncs_per_step": syncs,
                              "loss": float(loss.detach())}

@@ -417,7 +417,7 @@ def test_inference_benchmark_smoke(tmp_path):
     bench_inference = import_script("benchmarks", "bench_inference")
     out = tmp_path / "smoke.json"
     modes = "full_cache_sdpa,full_cache_buffer,lagkv_cache_fast_lrsa"
-    assert bench_inference.main(["--smoke", "--out", str(out), "--modes", modes, "--also-kernels", "matmul"]) == 0
+    assert bench_inference.main(["--smoke", "--out", str(out), "--modes", modes, "--also-kernels", "sdpa_folded"]) == 0
     result = json.loads(out.read_text())
     assert result["command"].startswith("PYTHONPATH=. python3 benchmarks/bench_inference.py --smoke")
     assert result["environment"]["torch"] == torch.__version__ and result["gpu"] == "cpu"
@@ -435,14 +435,16 @@ def test_inference_benchmark_smoke(tmp_path):
         assert lagkv["profile"]["host_ops_per_step"] > 0 and lagkv["profile"]["top_host_ops"][0]["ms_per_step"] > 0
         assert lagkv["profile"]["host_syncs_per_step"] == 0 and isinstance(lagkv["cudagraph_skips"], int)
         assert set(lagkv["prefill_profile"]) == set(lagkv["profile"])
-        by_kernel = row["lagkv_by_kernel"]["matmul"]  # --also-kernels: the same decode with another kernel
-        assert by_kernel["decode_tokens_per_s"] > 0 and set(row["decode_speedup_by_kernel"]) == {"matmul"}
+        by_kernel = row["lagkv_by_kernel"]["sdpa_folded"]  # --also-kernels: the same decode with another kernel
+        assert by_kernel["decode_tokens_per_s"] > 0 and set(row["decode_speedup_by_kernel"]) == {"sdpa_folded"}
         assert row["lagkv_cache_fast_lrsa"]["eq12_after_prefill"] == LagConfig(4, 16, 0.25).retained_length(150)
     assert result["inference"]["fit"]["max_batch_lagkv"] > result["inference"]["fit"]["max_batch_full"]
     assert result["inference"]["check"]["tokens_equal"]
     assert set(rows[0]["decode_speedup_by_mode"]) == {"full_cache_sdpa", "full_cache_buffer"}
     with pytest.raises(ValueError, match="--modes"):
         bench_inference.main(["--smoke", "--out", str(out), "--modes", "full_cache_sdpa"])
+    with pytest.raises(ValueError, match="--also-kernels: kernels other than --kernel"):
+        bench_inference.main(["--smoke", "--out", str(out), "--kernel", "matmul", "--also-kernels", "matmul"])
     for kernels in result["inference"]["kernels"]:
         for side in ("full", "lagkv"):
             assert set(kernels[side]) == set(KERNELS)
