@@ -40,6 +40,8 @@ Reported per row (keys as bench_lrsa's former inference rows, plus more):
   per step), "prefill_profile" (the same for one prefill into a fresh cache) and "cudagraph_skips" (compiled
   graphs inductor could not capture). ``--also-kernels k1,k2`` decodes
   LagKV once more per kernel in the same process (``row["lagkv_by_kernel"]``, ``decode_speedup_by_kernel``).
+  ``prefill_s`` is the median of ``--prefill-repeats`` prefills after the compiling one (``prefill_repeats_s``);
+  ``--prefill-only`` times and profiles only the prefills (no decode compilation: a minute per case less).
 """
 from __future__ import annotations
 
@@ -206,7 +208,7 @@ def run_mode(model, mode: str, ids: torch.Tensor, cfg: LagConfig, args, step_fn,
     skips_before = cudagraph_skips()
     with torch.no_grad():
         prefill_s = []
-        for _ in range(2):  # the first prefill compiles what this N needs (flex kernels, selection)
+        for _ in range(1 + args.prefill_repeats):  # the first prefill compiles what this N needs (flex, selection)
             cache = make_cache(mode, model, max_len, cfg, flex)
             logits, t = timed(lambda: model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits,
                               device)
@@ -214,12 +216,17 @@ def run_mode(model, mode: str, ids: torch.Tensor, cfg: LagConfig, args, step_fn,
         tok = logits[:, -1:].argmax(-1)
         prefill_profile = profile_steps(  # where the prefill's GPU time goes (a fresh cache, as timed)
             lambda: model(input_ids=ids, past_key_values=make_cache(mode, model, max_len, cfg, flex), use_cache=True,
-                          logits_to_keep=1), 1, device) if args.sync_steps else {}
+                          logits_to_keep=1), 1, device, top=25) if args.sync_steps else {}
+        allocated = cache_bytes(cache)
+        prefill = {"prefill_s": statistics.median(prefill_s[1:]), "prefill_first_s": prefill_s[0],
+                   "prefill_repeats_s": prefill_s[1:], "prefill_profile": prefill_profile,
+                   "kv_bytes_allocated": allocated, "kv_bytes_per_sequence": allocated / b}
+        if args.prefill_only:
+            return prefill
         if mode != LAGKV:  # a new StaticCache re-records CUDA graphs instead of recompiling (same decode work)
             for layer in cache.layers:
                 for t in (layer.keys, layer.values, layer.cumulative_length):
                     torch._dynamo.mark_static_address(t, guard=False)
-        allocated = cache_bytes(cache)
         stored_after_prefill = stored_length(n, cfg) if mode == LAGKV else n
         host = mode == LAGKV and args.compression == "host"  # compress between steps, only when due
         decode = functools.partial(greedy_decode, model, cache, step_fn=step_fn, host_compression=host)
@@ -245,15 +252,13 @@ def run_mode(model, mode: str, ids: torch.Tensor, cfg: LagConfig, args, step_fn,
     kv_read = 2 * layers * b * h_kv * d * elsize * stored_mid
     step_s = decode_s / args.new_tokens
     nominal = nominal_bandwidth(device)
-    row = {"prefill_s": prefill_s[-1], "prefill_first_s": prefill_s[0], "warmup_decode_s": warmup_s, "decode_s": decode_s,
+    row = {**prefill, "warmup_decode_s": warmup_s, "decode_s": decode_s,
            "decode_tokens_per_s": b * args.new_tokens / decode_s, "step_ms": step_s * 1e3,
-           "kv_bytes_allocated": allocated, "kv_bytes_per_sequence": allocated / b,
            "kv_bytes_after_prefill": 2 * layers * b * h_kv * d * elsize * stored_after_prefill,
            "stored_tokens_mid_decode": stored_mid, "bytes_per_step_min": weight_bytes + kv_read,
            "bandwidth_fraction": (weight_bytes + kv_read) / step_s / bandwidth if math.isfinite(bandwidth) else None,
            "bandwidth_fraction_nominal": (weight_bytes + kv_read) / step_s / nominal if nominal else None,
            "host_syncs_per_step": profiled.get("host_syncs_per_step"), "profile": profiled,
-           "prefill_profile": prefill_profile,
            "cudagraph_skips": cudagraph_skips() - skips_before}
     if mode == LAGKV:
         row["buffer_slots"] = cache.capacity
@@ -341,7 +346,9 @@ def run_inference(cases: list[tuple[int, int]], cfg: LagConfig, args, device: to
     for n, b in cases:
         ids = torch.randint(0, shapes["vocab_size"], (b, n), device=device, generator=torch.Generator(device).manual_seed(n + b))
         row = {"prompt_len": n, "batch": b, "new_tokens": args.new_tokens}
-        runs = [(mode, None) for mode in modes] + [(LAGKV, k) for k in args.also_kernels]
+        runs = [(mode, None) for mode in modes]
+        if not args.prefill_only:  # other decode kernels: the same prefill
+            runs += [(LAGKV, k) for k in args.also_kernels]
         for mode, kernel in runs:  # kernel None: args.kernel, stored under row[mode]; else under row["lagkv_by_kernel"]
             t0 = time.perf_counter()
             try:
@@ -362,7 +369,7 @@ def run_inference(cases: list[tuple[int, int]], cfg: LagConfig, args, device: to
         disable_static_lagkv(model)
         summarize_row(row)
         result["rows"].append(row)
-        if args.kernel_bench:
+        if args.kernel_bench and not args.prefill_only:
             lag_slots = StaticLagKVCache(model.config, n + args.new_tokens, cfg).capacity
             result["kernels"].append({"prompt_len": n, "batch": b, "slots_full": n + args.new_tokens, "slots_lagkv": lag_slots,
                                       "full": bench_kernels(b, n + args.new_tokens, shapes, device, dtype),
@@ -374,7 +381,7 @@ def run_inference(cases: list[tuple[int, int]], cfg: LagConfig, args, device: to
         if on_progress is not None:
             on_progress(result)
     result["fit"] = fit_summary(result["rows"])
-    if args.check_steps:
+    if args.check_steps and not args.prefill_only:
         try:
             result["check"] = check_eager_vs_compiled(model, cfg, args, step_fn, device)
         except Exception as e:
@@ -388,6 +395,10 @@ def summarize_row(row: dict) -> None:
     lag = row.get(LAGKV, {})
     fulls = {m: row[m] for m in FULL_MODES if m in row and "error" not in row[m]}
     if not fulls:
+        return
+    if all("decode_tokens_per_s" not in r for r in (lag, *fulls.values())):  # --prefill-only
+        if lag and "error" not in lag and "full_cache_sdpa" in fulls:
+            row["prefill_speedup"] = fulls["full_cache_sdpa"]["prefill_s"] / lag["prefill_s"]
         return
     fastest = max(fulls, key=lambda m: fulls[m]["decode_tokens_per_s"])
     if row.get("lagkv_by_kernel"):  # --also-kernels: the same LagKV decode with other kernels (even if --kernel failed)
@@ -471,7 +482,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="timed decode steps (default: the lag size L, so the window holds exactly one compression "
                          "per L tokens: the steady-state rate)")
     ap.add_argument("--warmup-steps", type=int, default=8, help="decode steps before timing (compile, CUDA graphs)")
-    ap.add_argument("--sync-steps", type=int, default=8, help="decode steps profiled for host syncs (0: skip)")
+    ap.add_argument("--sync-steps", type=int, default=8,
+                    help="decode steps profiled for host syncs, and the prefill profiled once (0: skip both)")
+    ap.add_argument("--prefill-repeats", type=int, default=3,
+                    help="timed prefills after the first (compiling) one; prefill_s is their median")
+    ap.add_argument("--prefill-only", action="store_true",
+                    help="time and profile the prefills only (no decode, no compiled step): prefill_speedup per row")
     ap.add_argument("--modes", default="full_cache_sdpa," + LAGKV,
                     help=f"of {','.join(MODES)} (full_cache_buffer: the full cache with LagKV's decode kernel, the "
                          "like-for-like comparison; off by default to keep the run short (an estimate: each mode compiles)")
@@ -510,6 +526,8 @@ def normalize_args(args: argparse.Namespace) -> argparse.Namespace:
     unknown = set(args.modes) - set(MODES)
     if unknown or LAGKV not in args.modes:
         raise ValueError(f"--modes: accepted {MODES} (with {LAGKV}), got {args.modes}")
+    if getattr(args, "prefill_repeats", 1) < 1:
+        raise ValueError(f"--prefill-repeats must be >= 1, got {args.prefill_repeats}")
     if getattr(args, "fit_only", 0) < 0:
         raise ValueError(f"--fit-only must be a prompt length >= 1 (0: off), got {args.fit_only}")
     if isinstance(args.compile, str) and args.compile in ("auto", "off"):
@@ -572,6 +590,10 @@ def print_summary(result: dict) -> None:
     inf = result["inference"]
     log("\n==== inference summary")
     for row in inf["rows"]:
+        if "decode_speedup" not in row and "prefill_speedup" in row:  # --prefill-only
+            times = " ".join(f"{m}={row[m]['prefill_s'] * 1e3:.1f} ms" for m in MODES if m in row and "error" not in row[m])
+            log(f"N={row['prompt_len']} B={row['batch']}: prefill {times} | prefill x{row['prefill_speedup']:.2f}")
+            continue
         if "decode_speedup" not in row:
             log(f"N={row['prompt_len']} B={row['batch']}: incomplete ({[m for m in MODES if 'error' in row.get(m, {})]} failed)")
             continue

@@ -451,6 +451,27 @@ def test_inference_benchmark_smoke(tmp_path):
             assert all(k["max_abs_diff_vs_sdpa_repeat"] < 1e-5 for k in kernels[side].values())
 
 
+def test_inference_benchmark_prefill_only(tmp_path):
+    """``--prefill-only``: each mode's prefill timed ``--prefill-repeats`` times (median) and profiled; no decode,
+    no kernel bench, no eager-vs-compiled check; ``prefill_speedup`` per row. Bad repeat counts are refused."""
+    bench_inference = import_script("benchmarks", "bench_inference")
+    out = tmp_path / "prefill.json"
+    assert bench_inference.main(["--smoke", "--out", str(out), "--prefill-only", "--prefill-repeats", "3"]) == 0
+    inference = json.loads(out.read_text())["inference"]
+    assert inference["kernels"] == [] and "check" not in inference
+    for row in inference["rows"]:
+        for mode in ("full_cache_sdpa", "lagkv_cache_fast_lrsa"):
+            measured = row[mode]
+            assert "decode_tokens_per_s" not in measured and len(measured["prefill_repeats_s"]) == 3
+            assert measured["prefill_s"] == sorted(measured["prefill_repeats_s"])[1]
+            assert measured["prefill_profile"]["host_ops_per_step"] > 0
+        assert row["prefill_speedup"] == pytest.approx(
+            row["full_cache_sdpa"]["prefill_s"] / row["lagkv_cache_fast_lrsa"]["prefill_s"])
+    assert inference["fit"]["max_batch_lagkv"] > inference["fit"]["max_batch_full"]
+    with pytest.raises(ValueError, match="--prefill-repeats must be >= 1"):
+        bench_inference.main(["--smoke", "--out", str(out), "--prefill-only", "--prefill-repeats", "0"])
+
+
 # ----------------------------------------------------------------------------------------------------- CUDA
 @CUDA
 @pytest.mark.parametrize("kernel, host_compression", [(k, False) for k in KERNELS] + [(DEFAULT_KERNEL, True)])
