@@ -18,7 +18,8 @@ with partitions); the JSON's "kernel" records what was chosen and why:
                FLOP-count bound (FLOPs / measured bf16 matmul rate), N = 8k .. 128k, batch = tokens // N; at
                ratio 0.25 every available kernel side by side ("lrsa_kernels");
   variants     at 8k (--variant-lens), per kernel: the default against query blocks not aligned with partitions and
-               against selection + layout + attention compiled as one region ("fused");
+               against selection, layout and attention run as separate steps ("unfused"; the default compiles them
+               as one region);
   profile      torch.profiler kernel breakdown of one fast-LRSA forward+backward at 8k and 32k;
   profile_training  torch.profiler of one training step at 8k x 4, dense vs fast LRSA (GPU busy, host syncs);
   training     a full SmolLM2-shaped training step (random init, AdamW): tokens/s, peak memory and host syncs per
@@ -317,9 +318,10 @@ def attention_components(q, k, v, grad_out, cfg, kernel) -> dict:
 
 def bench_variants(seq_lens, tokens, cfg, kernels) -> list[dict]:
     """Forward / forward+backward per kernel: the default options against query blocks not aligned with the
-    partitions ("unaligned") and against selection + layout + attention compiled as one region ("fused")."""
+    partitions ("unaligned") and against selection, layout and attention as separate steps ("unfused"; the default
+    compiles them as one region)."""
     rows = []
-    variants = {"default": {}, "unaligned": {"align_queries": False}, "fused": {"fused": True}}
+    variants = {"default": {}, "unaligned": {"align_queries": False}, "unfused": {"fused": False}}
     for n in seq_lens:
         batch = max(1, tokens // n)
         q, k, v = random_qkv(batch, n)

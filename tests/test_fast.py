@@ -305,6 +305,8 @@ def test_options_from_arguments_and_environment(monkeypatch):
     monkeypatch.setenv("LRSA_VIZ_ALIGN_QUERIES", "0")
     assert fast_options() == FastOptions(fused=True, align_queries=False)
     assert fast_options(fused=False, align_queries=True, kernel="TRITON") == FastOptions("triton", False, True)
+    monkeypatch.setenv("LRSA_VIZ_FUSED_REGION", "0")
+    assert fast_options() == FastOptions(fused=False, align_queries=False) and FastOptions().fused
     monkeypatch.setenv("LRSA_VIZ_ALIGN_QUERIES", "maybe")
     with pytest.raises(ValueError, match="LRSA_VIZ_ALIGN_QUERIES must be 0 or 1"):
         fast_options()
@@ -700,10 +702,10 @@ def test_benchmark_smoke_run(tmp_path, monkeypatch):
     lrsa_row = row["lrsa"]["0.25"]
     assert row["n"] == 512 and lrsa_row["fwd"]["median_s"] > 0 and lrsa_row["speedup_vs_fastest_dense"]["fwd"] > 0
     assert lrsa_row["tiles"]["partial"] > 0 and row["lrsa_kernels"]["triton"]["fwd"]["median_s"] > 0
-    assert set(result["variants"][0]["triton"]) == {"default", "unaligned", "fused"}
+    assert set(result["variants"][0]["triton"]) == {"default", "unaligned", "unfused"}
     (train,) = result["training"]
     assert train["dense_sdpa"]["tokens_per_s"] > 0 and train["lrsa_reference"]["tokens_per_s"] > 0
-    assert result["fast_options"] == {"align_queries": FastOptions().align_queries, "fused": False}
+    assert result["fast_options"] == {"align_queries": FastOptions().align_queries, "fused": True}
     assert bench.main(["--smoke", "--out", str(out), "--sections", "attention,nonsense"]) == 2
 
     # the record says how the sections really ran (options from the environment)
