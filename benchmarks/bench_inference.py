@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -60,6 +61,7 @@ import torch
 
 from lrsa_viz import LagConfig, cast_model, environment_record
 from lrsa_viz.fast.cost import SMOLLM2_CONFIG, datasheet_bandwidth
+from lrsa_viz.fast import fast_options, kernel_report
 from lrsa_viz.fast.decode import DEFAULT_KERNEL, KERNELS, buffer_attention, slot_mask
 from lrsa_viz.static_cache import StaticLagKVCache, stored_length
 from lrsa_viz.static_generate import (compiled_decode_step, decode_step, disable_static_lagkv, enable_static_lagkv,
@@ -571,8 +573,10 @@ def main(argv=None) -> int:
         device, dtype, shapes = torch.device("cuda"), torch.bfloat16, SMOLLM2
         cfg = LagConfig(16, 128, args.ratio)
     t0 = time.perf_counter()
+    options = fast_options()  # the LRSA prefill's options (LRSA_VIZ_FUSED_REGION etc.), as this run uses them
     result = {"command": command_line(argv), "environment": environment_record(),
-              "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "smoke": args.smoke}
+              "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "smoke": args.smoke,
+              "fast_options": dataclasses.asdict(options), "flex_kernel": kernel_report(device)["kernel"]}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 

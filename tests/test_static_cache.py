@@ -451,13 +451,16 @@ def test_inference_benchmark_smoke(tmp_path):
             assert all(k["max_abs_diff_vs_sdpa_repeat"] < 1e-5 for k in kernels[side].values())
 
 
-def test_inference_benchmark_prefill_only(tmp_path):
+def test_inference_benchmark_prefill_only(tmp_path, monkeypatch):
     """``--prefill-only``: each mode's prefill timed ``--prefill-repeats`` times (median) and profiled; no decode,
     no kernel bench, no eager-vs-compiled check; ``prefill_speedup`` per row. Bad repeat counts are refused."""
     bench_inference = import_script("benchmarks", "bench_inference")
     out = tmp_path / "prefill.json"
+    monkeypatch.delenv("LRSA_VIZ_FUSED_REGION", raising=False)
     assert bench_inference.main(["--smoke", "--out", str(out), "--prefill-only", "--prefill-repeats", "3"]) == 0
-    inference = json.loads(out.read_text())["inference"]
+    result = json.loads(out.read_text())
+    assert result["fast_options"]["fused"] and result["flex_kernel"] == "triton"  # how the LRSA prefill ran
+    inference = result["inference"]
     assert inference["kernels"] == [] and "check" not in inference
     for row in inference["rows"]:
         for mode in ("full_cache_sdpa", "lagkv_cache_fast_lrsa"):
