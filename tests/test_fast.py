@@ -735,3 +735,42 @@ def test_live_benchmark_needs_cuda():
     from lrsa_viz.fast.timing import live_attention_benchmark
     with pytest.raises(RuntimeError, match="CUDA"):
         live_attention_benchmark([8192])
+
+
+def test_saved_tensor_audit_accounts_for_every_extra_byte(tmp_path):
+    """benchmarks/audit_saved_tensors.py: what a training forward of fast LRSA keeps beyond dense SDPA, per layer, is
+    exactly one copy of the attention output (the output projection's input: FlexAttention's [B, H, N_q, d] output
+    is copied by ``transpose(1, 2).contiguous()``, while dense kernels return [B, N, H, d] and share it), the padded
+    query and output rows, the longer K/V buffers, the padded rows' logsumexp and the gather index. Byte counts are
+    data (shapes only), compared exactly; the committed 8k run's scaled figure is the GPU's measured excess."""
+    import json
+    from pathlib import Path
+
+    from helpers import import_script
+    from lrsa_viz.fast.cost import SMOLLM2_CONFIG
+    from lrsa_viz.fast.layout import ALIGN_QUERIES
+    root = Path(__file__).resolve().parents[1]
+    audit = import_script("benchmarks", "audit_saved_tensors")
+    out = tmp_path / "audit.json"
+    n, b = 300, 2
+    assert audit.main(["--tokens", str(n), "--batch", str(b), "--layers", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    cfg, e = LagConfig(16, 128, 0.25), 2  # bf16
+    h_q, h_kv, d = SMOLLM2_CONFIG["num_attention_heads"], SMOLLM2_CONFIG["num_key_value_heads"], SMOLLM2_CONFIG["head_dim"]
+    layout = LrsaLayout.of(-(-n // 128) * 128, cfg, 128, align_queries=ALIGN_QUERIES)  # as the fast path lays it out
+    expected = {"output copy": b * n * h_q * d * e,
+                "padded query and output": 2 * b * h_q * (layout.q_len - n) * d * e,
+                "K/V buffers": 2 * b * h_kv * (layout.kv_len - n) * d * e,
+                "logsumexp rows": b * h_q * (layout.q_len - n) * 4,
+                "gather index": b * h_kv * layout.compact * 8}
+    assert result["extra_bytes_per_layer"] == sum(expected.values())
+    (copy_key,) = [k for k in result["difference_by_tensor"] if k.startswith(f"({b * n}, {h_q * d})")]
+    assert "Clone" in copy_key and result["difference_by_tensor"][copy_key] == expected["output copy"]
+    committed = json.loads((root / "data" / "results" / "saved_tensors_cpu_8k.json").read_text())
+    assert committed["command"].endswith("--tokens 8192 --batch 1 --layers 1 --out data/results/saved_tensors_cpu_8k.json")
+    measured_gpu = json.loads((root / "data" / "results" / "bench_h100" / "bench_lrsa_train_flash_fused.json").read_text())
+    (train,) = measured_gpu["training"]
+    gpu_extra = train["fast_lrsa"]["memory_by_phase"]["after_forward"] - train["dense_sdpa"]["memory_by_phase"]["after_forward"]
+    assert committed["scaled"] == {"batch": 4, "layers": 30, "extra_gib": pytest.approx(gpu_extra, rel=0.01)}
+    with pytest.raises(ValueError, match="--tokens must be in"):
+        audit.main(["--tokens", "100", "--out", str(out)])

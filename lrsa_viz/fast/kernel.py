@@ -318,6 +318,16 @@ def check_positions(positions: torch.Tensor, key: torch.Tensor, layout: LrsaLayo
                              "scored partition p (S + p L .. S + (p+1) L - 1), as `compact_positions` returns them")
 
 
+def check_can_train(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+    """Raise ValueError for a call that needs gradients on the CPU (PyTorch has no FlexAttention backward there)."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    if needs_grad and query.device.type == "cpu":
+        raise ValueError(
+            "backend='flex' cannot train on CPU: PyTorch has no FlexAttention backward on CPU; "
+            "use backend='reference' (enable_lrsa(model, config, backend='reference')) or a CUDA device"
+        )
+
+
 def fast_lrsa_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -363,12 +373,7 @@ def fast_lrsa_attention(
     if config.num_partitions(n) < 2 or config.top_k == config.lag_size:
         return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=gqa)
     compiled = query.is_cuda if compiled is None else compiled
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-    if needs_grad and query.device.type == "cpu":
-        raise ValueError(
-            "backend='flex' cannot train on CPU: PyTorch has no FlexAttention backward on CPU; "
-            "use backend='reference' (enable_lrsa(model, config, backend='reference')) or a CUDA device"
-        )
+    check_can_train(query, key, value)
     options = fast_options(kernel, fused, align_queries)
     device_type = query.device.type
     if torch.is_autocast_enabled(device_type):  # FlexAttention has no autocast rule in every torch: cast here
