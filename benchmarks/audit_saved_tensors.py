@@ -17,7 +17,9 @@ same forward (FlexAttention on detached inputs), the same saved set (query, key,
 logsumexp [B, H_q, N_q]) and an output in the query's stride order: what inductor's FlexAttention lowerings (Triton
 and FlashAttention-4, torch 2.11) allocate ("output layout with strides matching the query"). The dense mode runs
 PyTorch's CPU SDPA, whose output, like cuDNN's and FlashAttention's on a GPU, is laid out [B, N, H, d], so the
-model's ``transpose(1, 2).contiguous()`` before the output projection copies nothing.
+model's ``transpose(1, 2).contiguous()`` before the output projection copies nothing. Fast LRSA lays its padded
+query out [B, N_q, H, d] too (`lrsa_viz.fast.layout.pad_queries`): for one sequence the real output rows are then
+the projection's input (no copy); for several, the padding rows sit between the sequences and a copy remains.
 """
 from __future__ import annotations
 
@@ -142,12 +144,16 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--layers", type=int, default=2, help="decoder layers of the SmolLM2-shaped model (1-30)")
     ap.add_argument("--scale-to", default="4x30", metavar="BATCHxLAYERS",
-                    help="also give the extra bytes for this batch and layer count (saved tensors are linear in both)")
+                    help="also give the extra bytes for this batch and layer count (saved tensors are linear in both, for batches "
+                         "> 1; one sequence keeps no copy of the attention output)")
     args = ap.parse_args(argv)
     try:
         scale_batch, scale_layers = (int(x) for x in args.scale_to.split("x"))
     except ValueError:
         raise ValueError(f"--scale-to must be BATCHxLAYERS with integers, e.g. 4x30, got {args.scale_to!r}") from None
+    if (scale_batch == 1) != (args.batch == 1):  # one sequence keeps no output copy (`pad_queries`), several do
+        raise ValueError(f"--scale-to: from --batch {args.batch} only to a batch that is also "
+                         f"{'1' if args.batch == 1 else '> 1'}, got {args.scale_to!r}")
     cfg = LagConfig(16, 128, 0.25)
     for name, value, low, high in (("--tokens", args.tokens, cfg.sink_size + 2 * cfg.lag_size, 8192),
                                    ("--batch", args.batch, 1, 64), ("--layers", args.layers, 1, 30)):

@@ -223,14 +223,19 @@ def lrsa_block_mask(layout: LrsaLayout, device: torch.device | str) -> BlockMask
 
 def pad_queries(query: torch.Tensor, layout: LrsaLayout) -> torch.Tensor:
     """The query buffer [B, H_q, D + layout N, d]: D zero rows, ``query`` (n <= layout N rows), zero rows up to the
-    layout's length (`fast_lrsa_attention` rounds N up to whole blocks). Returned as is when nothing is added."""
+    layout's length (`fast_lrsa_attention` rounds N up to whole blocks). Returned as is when nothing is added.
+
+    Laid out [B, D + N, H_q, d] in memory (a transposed view), the order the model's projections use: FlexAttention
+    returns its output in the query's memory order, so for one sequence the real rows of the output are already the
+    [N, H_q d] input of the output projection, which saves it for the backward without a second copy
+    (benchmarks/audit_saved_tensors.py). With several sequences the padding rows sit between them and a copy stays."""
     b, h, n, d = query.shape
     if n > layout.seq_len:
         raise ValueError(f"query has {n} positions, more than the layout's {layout.seq_len}")
     if not layout.query_pad and n == layout.seq_len:
         return query
-    head, tail = query.new_zeros(b, h, layout.query_pad, d), query.new_zeros(b, h, layout.seq_len - n, d)
-    return torch.cat([head, query, tail], dim=2)
+    head, tail = query.new_zeros(b, layout.query_pad, h, d), query.new_zeros(b, layout.seq_len - n, h, d)
+    return torch.cat([head, query.transpose(1, 2), tail], dim=1).transpose(1, 2)
 
 
 class GatherTokens(torch.autograd.Function):
