@@ -175,10 +175,11 @@ class FastOptions:
         kernel: "auto" | "flash" | "triton" (`flex_kernel_backend`).
         fused: compile selection + layout + attention of a call as ONE region (one graph, fused copies; the
             default), instead of a compiled selection, an eager layout and a compiled FlexAttention call. Measured
-            on an H100 (2026-12-08, bf16, SmolLM2-135M shapes, FlashAttention-4 tiles): the static LagKV prefill of a
-            16k-token prompt took 54.7 ms fused and 104.1 ms unfused (dense SDPA: 56.6 ms; the unfused prefill is
-            host-bound: 101 ms of host time for 42 ms of GPU time), at batch 16 547 vs 585 ms; the 8k x 4 training
-            step (2026-12-07) ran 1.13x dense tokens/s fused and 1.09x unfused.
+            on an H100 (2026-12-08, bf16, SmolLM2-135M shapes, Triton tiles; data/results/bench_h100/
+            bench_inference_prefill_*.json): the static LagKV prefill of a 16k-token prompt took 54.7 ms fused and
+            104.1 ms unfused (dense SDPA: 56.6 ms; the unfused prefill is host-bound: 101 ms of host time for 42 ms
+            of GPU time), at batch 16 547 vs 585 ms; the 8k x 4 training step (2026-12-07, FlashAttention-4 tiles)
+            ran 1.13x dense tokens/s fused and 1.09x unfused.
         align_queries: query blocks start on partition starts (`lrsa_viz.fast.layout`, D padding rows).
     """
 
