@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
 from ..config import LagConfig
-from .layout import ALIGN_QUERIES, DEFAULT_BLOCK_SIZE, LrsaLayout, layout_kv, lrsa_block_mask, pad_queries
+from .layout import (ALIGN_QUERIES, DEFAULT_BLOCK_SIZE, LrsaLayout, layout_kv, lrsa_block_mask, pad_queries,
+                     pad_rows)
 from .selection import compact_positions
 
 #: Dynamo recompiles the static-shape kernels once per new block count, config, kernel and grad mode; past its
@@ -397,7 +398,8 @@ def fast_lrsa_attention(
         query, key, value = (t.to(dtype) for t in (query, key, value))
     fused = compiled and options.fused
     if fused and layout.seq_len != n:  # whole blocks before the region: one compilation per block count, not per N
-        query, key, value = (F.pad(t, (0, 0, 0, layout.seq_len - n)) for t in (query, key, value))
+        query = pad_rows(query, 0, layout.seq_len - n)  # in the query's [B, N, H, d] order (`pad_queries`)
+        key, value = (F.pad(t, (0, 0, 0, layout.seq_len - n)) for t in (key, value))
     args = (query, key, value, select_key, select_value, positions, block_mask, layout, config, scaling, gqa,
             kernel_options)
     with torch.autocast(device_type, enabled=False):

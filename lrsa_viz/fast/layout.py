@@ -229,13 +229,19 @@ def pad_queries(query: torch.Tensor, layout: LrsaLayout) -> torch.Tensor:
     returns its output in the query's memory order, so for one sequence the real rows of the output are already the
     [N, H_q d] input of the output projection, which saves it for the backward without a second copy
     (benchmarks/audit_saved_tensors.py). With several sequences the padding rows sit between them and a copy stays."""
-    b, h, n, d = query.shape
+    n = query.shape[2]
     if n > layout.seq_len:
         raise ValueError(f"query has {n} positions, more than the layout's {layout.seq_len}")
-    if not layout.query_pad and n == layout.seq_len:
-        return query
-    head, tail = query.new_zeros(b, layout.query_pad, h, d), query.new_zeros(b, layout.seq_len - n, h, d)
-    return torch.cat([head, query.transpose(1, 2), tail], dim=1).transpose(1, 2)
+    return pad_rows(query, layout.query_pad, layout.seq_len - n)
+
+
+def pad_rows(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
+    """[B, H, n, d] -> [B, H, before + n + after, d] with zero rows, laid out [B, rows, H, d] in memory (a transposed
+    view; `pad_queries` says why). ``x`` itself when nothing is added."""
+    if not before and not after:
+        return x
+    b, h, _, d = x.shape
+    return torch.cat([x.new_zeros(b, before, h, d), x.transpose(1, 2), x.new_zeros(b, after, h, d)], dim=1).transpose(1, 2)
 
 
 class GatherTokens(torch.autograd.Function):
