@@ -778,3 +778,22 @@ def test_saved_tensor_audit_accounts_for_every_extra_byte(tmp_path):
         audit.main(["--tokens", "100", "--out", str(out)])
     with pytest.raises(ValueError, match="--scale-to: from --batch 1"):
         audit.main(["--tokens", "300", "--batch", "1", "--scale-to", "4x30", "--out", str(out)])
+
+
+@pytest.mark.skipif(not __import__("shutil").which("g++"), reason="inductor's CPU backend needs a C++ compiler")
+def test_compiled_fused_region_on_cpu_matches_eager_in_the_query_order():
+    """The default fast path (one compiled region: whole-block padding, layout, FlexAttention) compiled by inductor
+    on the CPU: equal to the uncompiled path (float32, 150 tokens, N not a multiple of the block: tolerance 1e-5 for
+    a different summation order over at most 150 keys), and its output in the query's [B, N, H, d] memory order
+    (inductor lays FlexAttention's output out like its query), so for one sequence the model's
+    ``transpose(1, 2).contiguous()`` copies nothing."""
+    cfg = LagConfig(4, 16, 0.25)
+    for b in (1, 2):
+        gen = torch.Generator().manual_seed(b)
+        q = torch.randn(b, 150, 4, 16, generator=gen).transpose(1, 2)  # [B, H, N, d] views of [B, N, H, d], as in
+        k, v = (torch.randn(b, 150, 2, 16, generator=gen).transpose(1, 2) for _ in range(2))  # the model
+        with torch.no_grad():
+            out = fast_lrsa_attention(q, k, v, cfg, compiled=True, block_size=16)
+            ref = fast_lrsa_attention(q, k, v, cfg, compiled=False, block_size=16)
+        assert (out - ref).abs().max() < 1e-5
+        assert out.stride()[1:] == (16, 4 * 16, 1) and out.transpose(1, 2).is_contiguous() == (b == 1)
