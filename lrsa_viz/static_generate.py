@@ -7,8 +7,11 @@ _b16_b64_kernels.json; 16k-token prompts, bf16, SmolLM2-135M shapes, host-schedu
 CUDA graphs) at batch 1 and **7.42x** at batch 16 (586 vs 399 and 6,505 vs 877 tokens/s); 14,870 tokens/s at batch
 64 (the full cache's 64 x 16k prefill did not fit the H100's 80 GB); zero host syncs, one CUDA-graph replay per step.
 Part of the batch-16 gap is the baseline's own: 8.2 of its 18.3 ms of GPU time per step go to repeating K/V for
-grouped-query heads (transformers' SDPA path). Prefill is 1.19x dense at batch 16 but **0.48-0.58x at batch 1**,
-where it is host-bound: 42 ms of GPU time (dense: 47) in 96-115 ms of wall time. Every run before the in-place
+grouped-query heads (transformers' SDPA path). The LRSA prefill was host-bound at batch 1 (0.48-0.58x dense: 42 ms
+of GPU time in 96-115 ms of wall time) until the fast path compiled selection, layout and attention as one region per
+layer (the default since 2026-12-08, data/results/bench_h100/bench_inference_prefill_*.json): batch 1 is now
+0.92-1.08x dense over four runs on two H100s, batch 16 1.27-1.33x, 32k tokens 1.49-1.50x; decoding in the same
+session measured 1.24x at batch 1 and 7.39x at batch 16 (bench_inference_decode_fused.json). Every run before the in-place
 write fix decoded SLOWER than the full cache (0.31x-0.75x on an H200 and an H100, data/results/bench_h200_x2,
 bench_h100): the compiled step copied every layer's whole K/V slice around its one-slot write
 (`StaticLagKVCache.update`), found on a CPU from inductor's generated code and fixed. It keeps 26% of the KV bytes.
