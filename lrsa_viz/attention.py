@@ -122,8 +122,13 @@ def lrsa_attention_forward(
         from .fast import fast_lrsa_attention
 
         compresses = forced is not None and config.num_partitions(kv_len) >= 2  # shorter: plain causal, nothing forced
-        positions = forced_compact_positions(forced, config) if compresses else attached_selection(key)
-        out = fast_lrsa_attention(query, key, value, config, scaling=scaling, positions=positions)
+        fill = None if compresses else prompt_fill_of(key)
+        if fill is None:
+            positions = forced_compact_positions(forced, config) if compresses else None
+            out = fast_lrsa_attention(query, key, value, config, scaling=scaling, positions=positions)
+        else:  # a static cache stores the prompt with this layer's selection, made once, in the attention's region
+            out, kept = fast_lrsa_attention(query, key, value, config, scaling=scaling, return_kept=True)
+            fill.store(kept)
         return out.transpose(1, 2).contiguous(), None
     with torch.no_grad():
         if forced is None:  # the NaN/inf scan reads the data: CPU only (a device sync per layer on CUDA)
@@ -166,24 +171,33 @@ def forced_keep_of_layer(module: torch.nn.Module, key: torch.Tensor) -> torch.Te
     return forced[..., :kv_len].to(key.device)
 
 
-#: Attribute `attach_selection` sets on a key tensor.
-_SELECTION_ATTR = "lrsa_attached_selection"
+#: Attribute `attach_prompt_fill` sets on a key tensor.
+_FILL_ATTR = "lrsa_prompt_fill"
 
 
-def attach_selection(key: torch.Tensor, positions: torch.Tensor) -> None:
-    """Record on the key tensor [B, H_kv, N, d] that LagKV already selected ``positions`` from it (LongTensor
-    [B, H_kv, S + (P-1) k], the form of `lrsa_viz.fast.compact_positions`): the flex path then attends with them
-    instead of selecting a second time. A `StaticLagKVCache` does this when it compresses the prompt, whose key
-    tensor it hands back to the attention. Bound to that one tensor, so it cannot reach another layer or forward.
-    Not under torch.compile (an attribute on a traced tensor does not survive tracing): there it selects again.
-    """
-    if not torch.compiler.is_compiling():
-        setattr(key, _SELECTION_ATTR, positions)
+def attach_prompt_fill(key: torch.Tensor, fill) -> None:
+    """Ask the flex path to hand what it keeps of this key tensor [B, H_kv, N, d] to ``fill.store(kept)`` (kept:
+    LongTensor [B, H_kv, eq. 12 of N] in cache-slot order, `lrsa_viz.fast.fast_lrsa_attention` with
+    ``return_kept=True``). A `StaticLagKVCache` does this with the prompt, whose key tensor it hands back to the
+    attention: the layer then selects once, inside the attention's compiled region, and the cache stores exactly
+    the tokens the prefill attended to. Bound to that one tensor, so it cannot reach another layer or forward; the
+    fill detaches itself (`detach_prompt_fill`) when it stores, and completes itself if no attention stored it.
+    Not under torch.compile (an attribute on a traced tensor does not survive tracing)."""
+    if torch.compiler.is_compiling():
+        raise RuntimeError("attach_prompt_fill: not under torch.compile (the attribute would not survive tracing)")
+    setattr(key, _FILL_ATTR, fill)
 
 
-def attached_selection(key: torch.Tensor) -> torch.Tensor | None:
-    """The positions `attach_selection` recorded on this key tensor, or None."""
-    return getattr(key, _SELECTION_ATTR, None)
+def prompt_fill_of(key: torch.Tensor):
+    """The fill `attach_prompt_fill` recorded on this key tensor, or None."""
+    return getattr(key, _FILL_ATTR, None)
+
+
+def detach_prompt_fill(key: torch.Tensor) -> None:
+    """Remove what `attach_prompt_fill` recorded (it refers back to the tensor: a cycle the garbage collector would
+    otherwise have to find before the layer's K/V memory is freed)."""
+    if hasattr(key, _FILL_ATTR):
+        delattr(key, _FILL_ATTR)
 
 
 def forced_compact_positions(kept: torch.Tensor, config: LagConfig) -> torch.Tensor:

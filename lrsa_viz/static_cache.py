@@ -25,7 +25,10 @@ The attention mask needs no positions: stored tokens sit in slots ``0 .. stored 
 
 The first update of an empty cache (the prompt) is compressed at once, one-shot (`lrsa_viz.scoring`): after N
 tokens that is exactly the state of the recursive cache (sink + selections + last full partition + remainder),
-and it lets the prompt go through one parallel LRSA forward (`lrsa_viz.static_generate`).
+and it lets the prompt go through one parallel LRSA forward (`lrsa_viz.static_generate`). Each layer selects once:
+the cache hands the prompt's key tensor a `PromptFill` (`lrsa_viz.attention.attach_prompt_fill`), the flex LRSA
+attention selects inside its compiled region and stores what it kept; any other attention leaves the fill to the
+cache's own selection (`PromptFill.finish`), before the next update or read at the latest.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ from typing import Iterator
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .attention import attach_selection
+from .attention import attach_prompt_fill, detach_prompt_fill
 from .checks import check_int
 from .config import LagConfig
 from .scoring import check_kv, lagkv_keep_indices, select_top_k, token_std_scores
@@ -122,8 +125,9 @@ class StaticLagKVCache(Cache):
         max_chunk: the most tokens one update after the first may append (1 = token-by-token decoding; a chunked
             prefill of L tokens at a time needs L). Sizes the buffers (`cache_capacity`).
         pad_to: buffer length rounded up to a multiple of this.
-        compiled_selection: one-shot selection of the first update with the compiled scoring code (the form the
-            flex LRSA backend uses, so the cache keeps what the prefill attended to). Default: on CUDA.
+        compiled_selection: when the cache selects the prompt itself (no flex attention handed it its selection:
+            the reference backend, forced selections), with the compiled scoring code of the flex backend. Default:
+            on CUDA.
     Use it like transformers' ``StaticCache``, with a model prepared by `lrsa_viz.static_generate.enable_static_lagkv`
     (attention over the buffers), or through `lrsa_viz.static_generate.static_generate`.
     Batches must be unpadded (LagKV partitions count from each row's first token).
@@ -152,6 +156,7 @@ class StaticLagKVCache(Cache):
         self._empty = True  # host flag: no update yet (the next one is the one-shot prompt fill)
         self._filling = False  # host flag: the current update is the one-shot fill
         self._pending_span = 0  # host int: tokens after the scored partition that the next compression moves
+        self._unfilled: dict[int, PromptFill] = {}  # layer -> its prompt, until the attention (or we) store it
         # `host_scheduled_compression`: updates leave compression to `before_update`, which decides from host counts.
         # A flag of its own, not `_host_counts is not None`: a compiled step reads it, and a bool guard stays valid
         # while the counts change at every step (reading the counts there would recompile the step every time)
@@ -200,6 +205,8 @@ class StaticLagKVCache(Cache):
         `get_query_offset`).
         """
         q = key_states.shape[-2]
+        if self._unfilled:  # a previous layer's attention did not store its prompt
+            self._finish_fills()
         if layer_idx == 0:
             self._begin_update(key_states, value_states, q)
         if self._filling:
@@ -281,6 +288,7 @@ class StaticLagKVCache(Cache):
         compression the previous update made due (eagerly, decided from host counts) and counts the ``q`` tokens."""
         if self._host_counts is None:
             raise RuntimeError("before_update: only inside `with cache.host_scheduled_compression():`")
+        self._finish_fills()
         seen, done = self._host_counts
         due = compressed_partitions(seen, self.lag_config)
         if due > done:
@@ -288,22 +296,36 @@ class StaticLagKVCache(Cache):
         self._host_counts = (seen + check_int("q", q, 1), max(due, done))
 
     def _fill_layer(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int) -> None:
-        """One-shot LagKV compression of the prompt's states into this layer's slots 0 .. eq.12 - 1."""
-        cfg = self.lag_config
+        """One-shot LagKV compression of the prompt's states into this layer's slots 0 .. eq.12 - 1: handed to the
+        attention (`PromptFill`) when there is something to select, else stored at once."""
+        if self.lag_config.num_partitions(key_states.shape[-2]) >= 2 and not torch.compiler.is_compiling():
+            fill = PromptFill(self, layer_idx, key_states, value_states)
+            self._unfilled[layer_idx] = fill
+            attach_prompt_fill(key_states, fill)
+            return
+        self._store_prompt(layer_idx, key_states, value_states, self._select_prompt(key_states, value_states))
+
+    def _select_prompt(self, key_states: torch.Tensor, value_states: torch.Tensor) -> torch.Tensor:
+        """The cache's own one-shot selection [B, H_kv, eq. 12] (`one_shot_keep`), for a prompt no attention stored."""
+        compiled = key_states.is_cuda if self.compiled_selection is None else self.compiled_selection
         with torch.no_grad():
-            keep, compact = _one_shot(key_states, value_states, cfg, self._use_compiled_selection(key_states))
-            if compact is not None:
-                attach_selection(key_states, compact)  # the prefill attention attends with it (no 2nd selection)
-            d = key_states.shape[-1]
+            return one_shot_keep(key_states, value_states, self.lag_config, compiled)
+
+    def _store_prompt(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor,
+                      keep: torch.Tensor) -> None:
+        """Write the kept prompt tokens ``keep`` (LongTensor [B, H_kv, eq. 12], slot order) into the layer's slots."""
+        with torch.no_grad():
             n_keep = keep.shape[-1]
-            index = keep[..., None].expand(-1, -1, -1, d)
+            index = keep[..., None].expand(-1, -1, -1, key_states.shape[-1])
             layer = self.layers[layer_idx]
             layer.keys[:, :, :n_keep] = key_states.gather(2, index)
             layer.values[:, :, :n_keep] = value_states.gather(2, index)
-            self.position_buffer[layer_idx, :, :, :n_keep] = keep.to(torch.int32)
+            self.position_buffer[layer_idx, :, :, :n_keep] = keep
 
-    def _use_compiled_selection(self, key_states: torch.Tensor) -> bool:
-        return key_states.is_cuda if self.compiled_selection is None else self.compiled_selection
+    def _finish_fills(self) -> None:
+        """Store every prompt fill no attention stored (an attention other than the flex path's: its own selection)."""
+        for fill in list(self._unfilled.values()):
+            fill.finish()
 
     def _compress_pending(self) -> None:
         """Every compression the last update may have made due (one per L tokens of its span)."""
@@ -369,6 +391,7 @@ class StaticLagKVCache(Cache):
 
     def flush(self) -> None:
         """Apply the compression the last update left pending (the next update would do it first)."""
+        self._finish_fills()
         if self._empty or self._filling:
             return
         self._compress_pending()
@@ -426,8 +449,11 @@ class StaticLagKVCache(Cache):
             self._done.zero_()
             self._overflow.zero_()
         self._empty, self._filling, self._pending_span = True, False, 0
+        for fill in list(self._unfilled.values()):  # prompts not stored: dropped with the rest
+            fill.release()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._finish_fills()
         if self.key_buffer is not None:
             idx = beam_idx.to(self.key_buffer.device)
             for t in (self.key_buffer, self.value_buffer, self.position_buffer):
@@ -448,25 +474,56 @@ class StaticLagKVCache(Cache):
         return False
 
 
+class PromptFill:
+    """One layer's prompt, waiting for the attention to store it with its own selection (`attach_prompt_fill`).
+
+    `store` writes what the attention kept (one selection per layer, made inside its compiled region); `finish`
+    stores the cache's own selection (`StaticLagKVCache._select_prompt`) if nothing was stored, e.g. with the
+    reference backend or forced selections. Either releases the K/V and the key tensor's reference to the fill.
+    """
+
+    def __init__(self, cache: "StaticLagKVCache", layer_idx: int, key_states: torch.Tensor,
+                 value_states: torch.Tensor):
+        self.cache, self.layer_idx = cache, layer_idx
+        self.keys: torch.Tensor | None = key_states  # [B, H_kv, N, d]
+        self.values: torch.Tensor | None = value_states
+
+    def store(self, kept: torch.Tensor) -> None:
+        """``kept``: LongTensor [B, H_kv, eq. 12 of N], the positions kept, in slot order."""
+        if self.keys is None:
+            raise RuntimeError(f"layer {self.layer_idx}: its prompt was stored already")
+        expected = (*self.keys.shape[:2], self.cache.lag_config.retained_length(self.keys.shape[-2]))
+        if tuple(kept.shape) != expected:
+            raise ValueError(f"kept must be [B, H_kv, eq. 12 of N] = {expected}, got {tuple(kept.shape)}")
+        self.cache._store_prompt(self.layer_idx, self.keys, self.values, kept)
+        self.release()
+
+    def release(self) -> None:
+        """Drop the K/V and every reference to this fill (the cache's, the key tensor's)."""
+        if self.keys is not None:
+            detach_prompt_fill(self.keys)
+        self.keys = self.values = None
+        self.cache._unfilled.pop(self.layer_idx, None)
+
+    def finish(self) -> None:
+        """Store the cache's own selection unless the prompt was stored already."""
+        if self.keys is not None:
+            self.store(self.cache._select_prompt(self.keys, self.values))
+
+
 def one_shot_keep(keys: torch.Tensor, values: torch.Tensor, config: LagConfig, compiled: bool = False) -> torch.Tensor:
     """Positions one-shot LagKV compression keeps: `lrsa_viz.scoring.lagkv_keep_indices` [B, H_kv, eq. 12].
 
-    ``compiled``: the same selection from `one_shot_compact` (what the flex LRSA backend attends with), then the last
-    full partition and the remainder whole.
+    ``compiled``: the same selection from `one_shot_compact` (the compiled scoring code of the flex LRSA backend),
+    then the last full partition and the remainder whole (`lrsa_viz.fast.selection.one_shot_kept_index`).
     """
-    return _one_shot(keys, values, config, compiled)[0]
-
-
-def _one_shot(keys: torch.Tensor, values: torch.Tensor, config: LagConfig,
-              compiled: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(`one_shot_keep`, `one_shot_compact`) from one selection."""
     compact = one_shot_compact(keys, values, config, compiled)
     if compact is None:
-        return lagkv_keep_indices(keys, values, config, check_finite=False), None
-    b, h = compact.shape[:2]  # then the unscored tail: the last full partition and the remainder, whole
+        return lagkv_keep_indices(keys, values, config, check_finite=False)
+    from .fast.selection import one_shot_kept_index
+
     n = keys.shape[-2]
-    start = config.sink_size + (config.num_partitions(n) - 1) * config.lag_size
-    return torch.cat([compact, torch.arange(start, n, device=compact.device).expand(b, h, -1)], dim=-1), compact
+    return one_shot_kept_index(compact, n, config, config.retained_length(n))
 
 
 def one_shot_compact(keys: torch.Tensor, values: torch.Tensor, config: LagConfig,
@@ -474,11 +531,10 @@ def one_shot_compact(keys: torch.Tensor, values: torch.Tensor, config: LagConfig
     """The sink and the selections of [B, H_kv, N, d] K/V from `lrsa_viz.fast.compiled_compact_positions`:
     LongTensor [B, H_kv, S + (P-1) k]; None unless ``compiled`` and there is a scored partition (P >= 2).
 
-    The K/V are zero-padded to whole blocks exactly as `lrsa_viz.fast.fast_lrsa_attention` pads them for its own
-    selection: the SAME compiled graph on the same inputs, so the static-shape kernel compiles once per block count
-    (not once per prompt length here and once more for the attention's padded length), and the cache keeps exactly
-    what the prefill attends to. Exact: partitions 0 .. P-2 and their references (<= P-1) are real tokens; the
-    padded partitions are cut off.
+    The K/V are zero-padded to whole blocks as `lrsa_viz.fast.fast_lrsa_attention` pads them for its own selection
+    (the unfused path compiles this same graph): one compilation per block count, not per prompt length. Exact:
+    partitions 0 .. P-2 and their references (<= P-1) are real tokens; the padded partitions are cut off. Used when
+    the cache selects a prompt itself (`PromptFill.finish`); with the flex attention the cache stores its selection.
     """
     n = keys.shape[-2]
     p = config.num_partitions(n)

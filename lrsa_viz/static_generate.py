@@ -19,10 +19,11 @@ bench_h100): the compiled step copied every layer's whole K/V slice around its o
 `enable_static_lagkv(model, config)` registers the attention implementation ``"lagkv_static"``:
 
 - the prompt (an update of an empty cache: queries == keys) goes through LRSA (`lrsa_viz.attention`, the flex
-  backend on CUDA) with the selections the cache made: for every layer, LRSA's selection IS one-shot LagKV
+  backend on CUDA), and the cache stores what it selected: for every layer, LRSA's selection IS one-shot LagKV
   selection of that layer's K/V, which after N tokens is exactly the recursive cache's state (METHOD §3, §4). The
-  cache selects once per layer when it stores the prompt and hands its positions to the flex attention
-  (`lrsa_viz.attention.attach_selection`), so nothing is selected twice;
+  flex attention selects once per layer, inside its compiled region, and hands the kept positions to the cache
+  (`lrsa_viz.attention.attach_prompt_fill`), so nothing is selected twice and a layer's prompt costs one compiled
+  call;
 - later updates attend over the cache's buffers with `lrsa_viz.fast.decode.buffer_attention` (grouped-query heads
   native, no K/V repeat) and the mask ``slot <= stored + i``, built once per forward from device counters.
 
@@ -50,7 +51,7 @@ from transformers.masking_utils import sdpa_mask
 
 from .checks import check_int
 from .attention import (LRSA_IMPLEMENTATION, attention_state, check_max_positions, check_supported, disable_lrsa,
-                        enable_lrsa, lrsa_attention_forward, lrsa_mask_interface, resolve_backend,
+                        enable_lrsa, lrsa_attention_forward, lrsa_mask_interface, prompt_fill_of, resolve_backend,
                         restore_attention_state)
 from .config import LagConfig
 from .fast.decode import DEFAULT_KERNEL, buffer_attention, check_kernel, slot_mask
@@ -86,8 +87,12 @@ def static_lagkv_attention(module, query, key, value, attention_mask, dropout: f
                            scaling: float | None = None, **kwargs):
     """query [B, H_q, Q, d]; key/value: the prompt's own [B, H_kv, Q, d] (LRSA) or the cache buffer [B, H_kv, M, d]."""
     if query.shape[2] == key.shape[2]:
-        return lrsa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        out = lrsa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                     **kwargs)
+        fill = prompt_fill_of(key)
+        if fill is not None:  # not stored by the attention (reference backend, forced selections): the cache selects
+            fill.finish()
+        return out
     return _buffer_forward(module, query, key, value, attention_mask, scaling)
 
 

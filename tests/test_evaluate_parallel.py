@@ -179,7 +179,8 @@ def cuda_paths_on_cpu(monkeypatch):
     """The CUDA code path of the parallel prefill, on the CPU: "auto" resolves to the flex LRSA backend (so the
     cache selects with the compiled selection and the batch is padded, `parallel_batch_rows`) and the fast path
     calls its compiled kernels. ``torch.compile`` gets a counting backend (it runs the traced graph as is): returns
-    {compiled function name: compilations} (dynamo compiles once per new shape: dynamic=False)."""
+    {compiled function name: compilations} (dynamo compiles once per new shape: dynamic=False), and in its
+    ``calls`` attribute {compiled function name: calls of the compiled graphs}."""
     import sys
     from collections import Counter
     import functools
@@ -191,10 +192,17 @@ def cuda_paths_on_cpu(monkeypatch):
     counts: Counter = Counter()
     real_compile, real_resolve = torch.compile, attention.resolve_backend
 
+    counts.calls = Counter()  # {compiled function name: calls of its compiled graphs}
+
     def counting_compile(fn, **kwargs):
         def backend(gm, example_inputs):
             counts[fn.__name__] += 1
-            return gm.forward
+
+            def run(*args):
+                counts.calls[fn.__name__] += 1
+                return gm.forward(*args)
+
+            return run
         kwargs.pop("mode", None)
         return real_compile(fn, **{**kwargs, "backend": backend})
 
@@ -206,7 +214,7 @@ def cuda_paths_on_cpu(monkeypatch):
         monkeypatch.setattr(module, "resolve_backend", resolve)
     monkeypatch.setattr(lrsa_viz.fast, "fast_lrsa_attention", functools.partial(kernel.fast_lrsa_attention,
                                                                                 compiled=True))
-    caches = (kernel.compiled_flex_attention, kernel.compiled_compact_positions)
+    caches = (kernel.compiled_flex_attention, kernel.compiled_compact_positions, kernel.compiled_region)
     for f in caches:
         f.cache_clear()
     torch._dynamo.reset()
@@ -214,6 +222,28 @@ def cuda_paths_on_cpu(monkeypatch):
     for f in caches:  # nothing compiled with the counting backend outlives the test
         f.cache_clear()
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("n", [150, 128])
+def test_a_static_prefill_enters_one_compiled_region_per_layer(tiny_lm, cuda_paths_on_cpu, n):
+    """On a GPU the batch-1 LRSA prefill runs at host speed (H100, 2026-12-08: 52-55 ms of host work for 36-39 ms of
+    GPU work per 16k-token prefill, data/results/bench_h100/bench_inference_prefill_*_fused.json), and each compiled
+    call costs ~0.15 ms of host time there (dynamo's lookup, the region, the graph's call). Per layer the prefill
+    enters ONE compiled graph: selection, layout, FlexAttention and what the cache keeps (`fast_lrsa_attention`
+    with ``return_kept``); the cache compiles and calls nothing of its own (it selected in a second compiled call
+    before). That the kept positions equal the cache's own selection: tests/test_static_cache.py."""
+    from lrsa_viz.static_generate import static_prefill
+
+    counts = cuda_paths_on_cpu
+    cfg = LagConfig(4, 16, 0.25)
+    layers = tiny_lm.config.num_hidden_layers
+    ids = torch.randint(0, 256, (2, n), generator=torch.Generator().manual_seed(n))
+    _, cache = static_prefill(tiny_lm, ids, cfg, backend="auto")
+    one_region = {"_attend": layers} if fast_options().fused else {"compact_positions": layers, "flex_attention": layers}
+    assert dict(counts.calls) == one_region
+    assert not cache._unfilled
+    for layer in range(layers):
+        assert cache.kept_positions(layer).shape == (2, tiny_lm.config.num_key_value_heads, cfg.retained_length(n))
 
 
 def test_compiled_one_shot_selection_on_padded_blocks_equals_the_reference():
@@ -251,9 +281,9 @@ def test_compiled_kernels_compile_once_per_shape_bucket_whatever_the_model_objec
     FlexAttention) compiled for every new (batch rows, prompt length, LagConfig), and the base model always ran
     first on each seed's test file, whose groups of equal-length prompts have their own sizes (single_needle at
     4000 tokens: 50 + 17 rows for seed 0, 56 + 11 for seed 1, 49 + 18 for seed 2). Nothing is cached per model
-    object. Now the cache's selection runs the attention's compiled graph (K/V padded to whole blocks) and every
-    batch is padded to the evaluation's batch size (``max_rows``): one shape per block count, and a second "seed"
-    with other group sizes and lengths compiles nothing."""
+    object. Now each layer selects once, in the attention's compiled graph (K/V padded to whole blocks; the cache
+    stores what it kept), and every batch is padded to the evaluation's batch size (``max_rows``): one shape per
+    block count, and a second "seed" with other group sizes and lengths compiles nothing."""
     counts = cuda_paths_on_cpu
     cfg = LagConfig(4, 16, 0.25)
     setting = Setting("lagkv", "chunked", cfg.ratio)
@@ -268,8 +298,8 @@ def test_compiled_kernels_compile_once_per_shape_bucket_whatever_the_model_objec
         return tokens
 
     # the attention's compiled graph: selection + layout + FlexAttention as one region (`_attend`, the default), or
-    # FlexAttention alone (LRSA_VIZ_FUSED_REGION=0); the cache's selection compiles `compact_positions` either way
-    once = {"compact_positions": 1, "_attend" if fast_options().fused else "flex_attention": 1}
+    # the selection and FlexAttention compiled apart (LRSA_VIZ_FUSED_REGION=0); the cache compiles nothing of its own
+    once = {"_attend": 1} if fast_options().fused else {"compact_positions": 1, "flex_attention": 1}
     first = {(rows, n): run(tiny_lm, rows, n) for rows, n in ((3, 150), (2, 149))}  # "seed 0": 3 + 2 rows
     assert dict(counts) == once, "3 and 2 rows both run as 8, one block count"
     for (rows, n), tokens in first.items():  # the padding rows change nothing: the tokens of chunk by chunk

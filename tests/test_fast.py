@@ -798,3 +798,32 @@ def test_compiled_fused_region_on_cpu_matches_eager_in_the_query_order():
             ref = fast_lrsa_attention(q, k, v, cfg, compiled=False, block_size=16)
         assert (out - ref).abs().max() < 1e-5
         assert out.stride()[1:] == (16, 4 * 16, 1) and out.transpose(1, 2).is_contiguous() == (b == 1)
+    # what a static cache stores, from the same region: the length enters as a device scalar, so 150 and 155 tokens
+    # (same block count) share one compilation and still keep exactly eq. 12 of their own length
+    from torch._dynamo.utils import counters
+
+    inputs = {n: random_qkv(n, b=2, hq=4, hkv=2, d=16, seed=n) for n in (150, 155)}
+    with torch.no_grad():
+        refs = {n: fast_lrsa_attention(*qkv, cfg, compiled=False, block_size=16) for n, qkv in inputs.items()}
+        counters.clear()
+        results = {n: fast_lrsa_attention(*qkv, cfg, compiled=True, block_size=16, fused=True, return_kept=True)
+                   for n, qkv in inputs.items()}
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    for n, (out, kept) in results.items():
+        assert torch.equal(kept, lagkv_keep_indices(*inputs[n][1:], cfg))
+        assert (out - refs[n]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("cfg", [LagConfig(4, 16, 0.25), LagConfig(3, 8, 0.5), LagConfig(0, 16, 1.0)])
+@pytest.mark.parametrize("n", [20, 36, 37, 100, 131])
+def test_return_kept_is_what_one_shot_lagkv_keeps(cfg, n):
+    """``return_kept=True``: besides the unchanged output, the positions a one-shot LagKV cache keeps of these K/V
+    (eq. 12, slot order), from the attention's own selection: exactly `lagkv_keep_indices` (the scoring module), for
+    sequences shorter than S + 2L (everything), ratio 1 (everything), N on and off partition and block boundaries."""
+    q, k, v = random_qkv(n, seed=n)
+    with torch.no_grad():
+        out, kept = fast_lrsa_attention(q, k, v, cfg, block_size=16, return_kept=True)
+        plain = fast_lrsa_attention(q, k, v, cfg, block_size=16)
+    assert torch.equal(out, plain)
+    assert kept.shape == (2, 2, cfg.retained_length(n)) and kept.dtype == torch.long
+    assert torch.equal(kept, lagkv_keep_indices(k, v, cfg))

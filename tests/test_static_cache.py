@@ -179,30 +179,45 @@ def test_one_pass_prefill_equals_chunked_prefill(model, cfg):
     torch.testing.assert_close(logits, chunked_logits, rtol=0, atol=1e-4)
 
 
-def test_flex_prefill_attends_with_the_caches_selection(model, monkeypatch):
-    """With the flex backend, each layer selects once: the cache's one-shot fill attaches its positions to the key
-    tensor and the attention attends with them. Selecting again instead (attachment off) gives the same logits and
-    kept positions, so nothing but the second selection is saved."""
+def test_flex_prefill_selects_once_and_the_cache_stores_it(model, monkeypatch):
+    """With the flex backend each layer selects once: the cache hands the prompt's key tensor a fill, the attention
+    returns what it kept (``return_kept``) and the fill stores it; the cache never selects. With the hand-over cut
+    (nothing attached) the cache completes every fill itself, before the next layer's update or the next read, and
+    keeps the same positions and K/V, with the same logits: the hand-over saves a selection and changes nothing.
+    The fills release the layers' K/V: nothing survives the prefill, even with the garbage collector off (a
+    reference cycle key -> fill -> key would keep every layer's K/V until a collection)."""
+    import gc
+    import weakref
+
     import lrsa_viz.fast as fast
     import lrsa_viz.static_cache as static_cache
 
     cfg = LagConfig(4, 16, 0.25)
+    layers = model.config.num_hidden_layers
     ids = torch.randint(0, 256, (2, 90), generator=torch.Generator().manual_seed(3))
-    calls = []
-    real = fast.fast_lrsa_attention
-    monkeypatch.setattr(fast, "fast_lrsa_attention",
-                        lambda *a, positions=None, **k: calls.append(positions) or real(*a, positions=positions, **k))
-    logits, cache = static_prefill(model, ids, cfg, backend="flex", logits_to_keep=0)
-    assert len(calls) == model.config.num_hidden_layers and all(p is not None for p in calls)
-    for layer, positions in enumerate(calls):  # exactly the sink + selections the cache stored
-        assert torch.equal(positions, cache.kept_positions(layer)[..., :positions.shape[-1]])
-    monkeypatch.setattr(static_cache, "attach_selection", lambda key, positions: None)  # the cache attaches nothing
+    calls, own, keys = [], [], []
+    real, real_select, real_init = fast.fast_lrsa_attention, StaticLagKVCache._select_prompt, static_cache.PromptFill.__init__
+    monkeypatch.setattr(fast, "fast_lrsa_attention", lambda *a, return_kept=False, **k: calls.append(return_kept)
+                        or real(*a, return_kept=return_kept, **k))
+    monkeypatch.setattr(StaticLagKVCache, "_select_prompt", lambda self, k, v: own.append(1) or real_select(self, k, v))
+    monkeypatch.setattr(static_cache.PromptFill, "__init__",
+                        lambda self, c, i, k, v: keys.append(weakref.ref(k)) or real_init(self, c, i, k, v))
+    gc.disable()
+    try:
+        logits, cache = static_prefill(model, ids, cfg, backend="flex", logits_to_keep=0)
+        assert len(keys) == layers and all(ref() is None for ref in keys)
+    finally:
+        gc.enable()
+    assert calls == [True] * layers and not own and not cache._unfilled
+    monkeypatch.setattr(static_cache, "attach_prompt_fill", lambda key, fill: None)  # the attention never sees a fill
     calls.clear()
     again, cache_again = static_prefill(model, ids, cfg, backend="flex", logits_to_keep=0)
-    assert len(calls) == model.config.num_hidden_layers and all(p is None for p in calls)
-    torch.testing.assert_close(again, logits, rtol=0, atol=1e-6)  # same positions, same kernels, same process
-    for layer in range(model.config.num_hidden_layers):
+    assert cache_again._unfilled  # the last layer's: completed by the next read
+    for layer in range(layers):
         assert torch.equal(cache_again.kept_positions(layer), cache.kept_positions(layer))
+    assert calls == [False] * layers and len(own) == layers and not cache_again._unfilled
+    assert torch.equal(cache_again.key_buffer, cache.key_buffer) and torch.equal(cache_again.value_buffer, cache.value_buffer)
+    torch.testing.assert_close(again, logits, rtol=0, atol=1e-6)  # same positions, same kernels, same process
 
 
 def test_smollm2_static_generate_equals_the_teaching_path(smollm2):

@@ -26,7 +26,7 @@ from torch.nn.attention.flex_attention import flex_attention
 from ..config import LagConfig
 from .layout import (ALIGN_QUERIES, DEFAULT_BLOCK_SIZE, LrsaLayout, layout_kv, lrsa_block_mask, pad_queries,
                      pad_rows)
-from .selection import compact_positions
+from .selection import compact_positions, one_shot_kept_index
 
 #: Dynamo recompiles the static-shape kernels once per new block count, config, kernel and grad mode; past its
 #: recompile limit (8 by default) it would silently fall back to the unfused, O(N^2)-memory implementation, so the
@@ -237,13 +237,16 @@ def compiled_compact_positions():
 
 
 def _attend(query, key, value, select_key, select_value, positions, block_mask, layout: LrsaLayout,
-            config: LagConfig, scaling, gqa: bool, kernel_options, flex=flex_attention, select=compact_positions):
+            config: LagConfig, scaling, gqa: bool, kernel_options, kept_of=None, flex=flex_attention,
+            select=compact_positions):
     """Selection (unless ``positions``), layout, one FlexAttention call, padding rows dropped: [B, H_q, n, d].
 
     ``select_key``/``select_value``: detached K/V zero-padded to the layout's N (>= n), None with ``positions``;
     selections they give past
     the real tokens (partitions whose reference is padding) are seen by padding queries only, so they are
     replaced by a valid index (n - 1) for the gather.
+    ``kept_of``: the real sequence length (int or 0-dim tensor) when the caller also wants what a one-shot LagKV
+    cache keeps; then returns (output, `one_shot_kept_index` [B, H_kv, C + 2L], valid up to eq. 12 of it).
     """
     n = query.shape[2]
     if positions is None:
@@ -254,7 +257,10 @@ def _attend(query, key, value, select_key, select_value, positions, block_mask, 
     key_buffer, value_buffer = layout_kv(key, value, positions, layout)
     out = flex(pad_queries(query, layout), key_buffer, value_buffer, block_mask=block_mask, scale=scaling,
                enable_gqa=gqa, kernel_options=kernel_options)
-    return out[:, :, layout.query_pad:layout.query_pad + n]
+    out = out[:, :, layout.query_pad:layout.query_pad + n]
+    if kept_of is None:
+        return out
+    return out, one_shot_kept_index(positions, kept_of, config, layout.compact + 2 * layout.lag)
 
 
 @functools.cache
@@ -343,7 +349,8 @@ def fast_lrsa_attention(
     kernel: str | None = None,
     fused: bool | None = None,
     align_queries: bool | None = None,
-) -> torch.Tensor:
+    return_kept: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """LRSA attention of a full sequence (queries 0..N-1 over keys 0..N-1) without an N x N mask.
 
     1. LagKV selections from the post-RoPE key/value (no gradient; compiled on CUDA), unless ``positions`` gives
@@ -362,8 +369,12 @@ def fast_lrsa_attention(
         positions: forced selections, LongTensor [B, H_kv, S + (P-1) k] as `compact_positions` returns them (the
             sink, then the kept positions of partitions 0 .. P-2, ascending); None computes them.
         kernel, fused, align_queries: how it runs (`FastOptions`; None: environment, else default).
+        return_kept: also return what a one-shot LagKV cache keeps of these K/V, from the same selection (a
+            `StaticLagKVCache` stores the prompt with it: one selection per layer, inside the same compiled region).
     Returns:
-        [B, H_q, N, d], equal (up to rounding) to `sdpa` with `lrsa_viz.mask.visibility_from_keep` as mask.
+        [B, H_q, N, d], equal (up to rounding) to `sdpa` with `lrsa_viz.mask.visibility_from_keep` as mask; with
+        ``return_kept`` also the kept positions in cache-slot order, LongTensor [B, H_kv, eq. 12 of N]
+        (`lrsa_viz.fast.selection.one_shot_kept_index`; all N positions when nothing is compressed).
     Sequences shorter than S + 2L, and ratio 1, are plain causal attention and go to SDPA. Under autocast the
     selection reads the tensors as given (like the reference path) and the attention runs in the autocast dtype.
     N is rounded up to whole blocks inside (zero padding, exact), so batches of slightly different lengths share
@@ -373,7 +384,8 @@ def fast_lrsa_attention(
     n, d = query.shape[2], query.shape[3]
     gqa = query.shape[1] != key.shape[1]
     if config.num_partitions(n) < 2 or config.top_k == config.lag_size:
-        return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=gqa)
+        return (out, torch.arange(n, device=key.device).expand(*key.shape[:2], n)) if return_kept else out
     compiled = query.is_cuda if compiled is None else compiled
     check_can_train(query, key, value)
     options = fast_options(kernel, fused, align_queries)
@@ -385,28 +397,41 @@ def fast_lrsa_attention(
     else:
         dtype = query.dtype
     layout, block_mask, kernel_options = _plan(n, config, block_size, options, query.device, dtype, d, compiled)
+    pad = layout.seq_len - n
     select_key = select_value = None  # forced positions: no selection reads K/V
     if positions is None:
         select_key, select_value = key.detach(), value.detach()  # the selection reads K/V as given (before any cast)
-        if layout.seq_len != n:
-            select_key, select_value = (F.pad(t, (0, 0, 0, layout.seq_len - n)) for t in (select_key, select_value))
     else:
         check_positions(positions, key, LrsaLayout.of(n, config, block_size))
         if layout.compact != positions.shape[-1]:  # entries for the padded partitions: seen by padding queries only
             positions = F.pad(positions, (0, layout.compact - positions.shape[-1]))
-    if dtype != query.dtype or dtype != key.dtype or dtype != value.dtype:
+    cast = dtype != query.dtype or dtype != key.dtype or dtype != value.dtype
+    if cast:
         query, key, value = (t.to(dtype) for t in (query, key, value))
     fused = compiled and options.fused
-    if fused and layout.seq_len != n:  # whole blocks before the region: one compilation per block count, not per N
-        query = pad_rows(query, 0, layout.seq_len - n)  # in the query's [B, N, H, d] order (`pad_queries`)
-        key, value = (F.pad(t, (0, 0, 0, layout.seq_len - n)) for t in (key, value))
+    if fused and pad:  # whole blocks before the region: one compilation per block count, not per N
+        query = pad_rows(query, 0, pad)  # in the query's [B, N, H, d] order (`pad_queries`)
+        key, value = (F.pad(t, (0, 0, 0, pad)) for t in (key, value))
+    if select_key is not None and pad:
+        if fused and not cast:  # the same padded K/V: one copy each, not two
+            select_key, select_value = key.detach(), value.detach()
+        else:
+            select_key, select_value = (F.pad(t, (0, 0, 0, pad)) for t in (select_key, select_value))
+    kept_of = None
+    if return_kept:  # a device scalar in the region: it compiles once per block count, not once per N
+        kept_of = torch.full((), n, dtype=torch.long, device=key.device) if fused else n
     args = (query, key, value, select_key, select_value, positions, block_mask, layout, config, scaling, gqa,
-            kernel_options)
+            kernel_options, kept_of)
     with torch.autocast(device_type, enabled=False):
         if fused:
-            return compiled_region()(*args)[:, :, :n]
-        if compiled:
-            return _attend(*args, flex=compiled_flex_attention(), select=compiled_compact_positions())
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*flex_attention.*")  # "called without torch.compile": intended
-            return _attend(*args)
+            result = compiled_region()(*args)
+        elif compiled:
+            result = _attend(*args, flex=compiled_flex_attention(), select=compiled_compact_positions())
+        else:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*flex_attention.*")  # "called without torch.compile"
+                result = _attend(*args)
+    if not return_kept:
+        return result[:, :, :n] if fused else result
+    out, kept = result
+    return (out[:, :, :n] if fused else out), kept[..., :config.retained_length(n)]
