@@ -24,6 +24,8 @@ with partitions); the JSON's "kernel" records what was chosen and why:
   profile_training  torch.profiler of one training step at 8k x 4, dense vs fast LRSA (GPU busy, host syncs);
   training     a full SmolLM2-shaped training step (random init, AdamW): tokens/s, peak memory and host syncs per
                step (CUDA sync debug mode), dense SDPA vs fast LRSA with each kernel, at 8k x 4, 16k x 2, 32k x 1;
+               ``--train-unaligned`` adds the default kernel without query alignment (the speed/memory trade of
+               the output copy that aligned padding rows force when batch > 1, benchmarks/audit_saved_tensors.py);
   inference    benchmarks/bench_inference.py: prefill, decode tokens/s, KV bytes, bandwidth fraction and host
                syncs per step, transformers' StaticCache (compiled, CUDA graphs) vs the static LagKV cache (one LRSA
                prefill, compiled decoding over the compressed buffers), 16k and 32k prompts, batch 1 to 64.
@@ -47,7 +49,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from lrsa_viz import LagConfig, LagKVCache, cast_model, disable_lrsa, enable_lrsa, environment_record
 from lrsa_viz.fast import compact_positions, compiled_compact_positions, fast_lrsa_attention
 from lrsa_viz.fast.cost import SMOLLM2_CONFIG, attention_flops, dense_causal_pairs, lrsa_tiles, lrsa_visible_pairs
-from lrsa_viz.fast.kernel import (KERNEL_ENV, allow_recompiles, compiled_flex_attention, fast_options,
+from lrsa_viz.fast.kernel import (ALIGN_ENV, KERNEL_ENV, allow_recompiles, compiled_flex_attention, fast_options,
                                   flash_unavailable_reason, flex_kernel_backend, kernel_report)
 from lrsa_viz.fast.layout import LrsaLayout, layout_kv, lrsa_block_mask, pad_queries
 from lrsa_viz.fast.timing import count_host_syncs, median_time
@@ -102,18 +104,23 @@ def available_kernels() -> list[str]:
 
 
 @contextlib.contextmanager
-def kernel_env(kernel: str | None):
-    """Run with LRSA_VIZ_FLEX_BACKEND = ``kernel`` (what `enable_lrsa` models read), restored after."""
-    previous = os.environ.get(KERNEL_ENV)
-    if kernel is not None:
-        os.environ[KERNEL_ENV] = kernel
+def environment(values: dict[str, str | None]):
+    """Run with these environment variables set (a None value leaves its variable as it is), restored after."""
+    previous = {name: os.environ.get(name) for name in values}
+    os.environ.update({name: value for name, value in values.items() if value is not None})
     try:
         yield
     finally:
-        if previous is None:
-            os.environ.pop(KERNEL_ENV, None)
-        else:
-            os.environ[KERNEL_ENV] = previous
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def kernel_env(kernel: str | None):
+    """Run with LRSA_VIZ_FLEX_BACKEND = ``kernel`` (what `enable_lrsa` models read), restored after."""
+    return environment({KERNEL_ENV: kernel})
 
 
 # ----------------------------------------------------------------------------------------------------- correctness
@@ -462,12 +469,21 @@ def smollm2_model():
     return cast_model(LlamaForCausalLM(config), RUN["dtype"], RUN["device"])  # rotary frequencies stay float32
 
 
-def training_modes(kernels) -> dict:
-    """mode name -> LRSA backend/kernel: dense SDPA, then fast LRSA with each kernel ("fast_lrsa" = the default
-    kernel, "fast_lrsa_<kernel>" the others). --smoke (CPU, no FlexAttention backward): the reference backend."""
+def training_modes(kernels, unaligned: bool = False) -> dict:
+    """mode name -> (LRSA backend/kernel, environment): dense SDPA, then fast LRSA with each kernel ("fast_lrsa" =
+    the default kernel, "fast_lrsa_<kernel>" the others), and with ``unaligned`` the default kernel without query
+    alignment ("fast_lrsa_unaligned", LRSA_VIZ_ALIGN_QUERIES=0: no padding rows, so for N a multiple of the block the
+    attention's output is the output projection's input with no copy, at the price of more tiles). --smoke (CPU, no
+    FlexAttention backward): the reference backend."""
     if RUN["device"] != "cuda":
-        return {"dense_sdpa": None, "lrsa_reference": "reference"}
-    return {"dense_sdpa": None, **{"fast_lrsa" if i == 0 else f"fast_lrsa_{k}": k for i, k in enumerate(kernels)}}
+        modes = {"dense_sdpa": (None, {}), "lrsa_reference": ("reference", {})}
+    else:
+        modes = {"dense_sdpa": (None, {}),
+                 **{"fast_lrsa" if i == 0 else f"fast_lrsa_{k}": (k, {}) for i, k in enumerate(kernels)}}
+    if unaligned:
+        modes["fast_lrsa_unaligned" if RUN["device"] == "cuda" else "lrsa_reference_unaligned"] = (
+            modes[list(modes)[1]][0], {ALIGN_ENV: "0"})
+    return modes
 
 
 def memory_by_phase(forward, update) -> dict | None:
@@ -491,17 +507,18 @@ def memory_by_phase(forward, update) -> dict | None:
             "peak_backward": torch.cuda.max_memory_allocated() / gib}
 
 
-def bench_training(cases, cfg, kernels, steps=3) -> list[dict]:
-    """Full training step (forward, loss, backward, fused AdamW) per case and mode: median step time, tokens/s,
-    peak memory (since a reset after warm-up), host syncs of one step (CUDA sync debug mode, after warm-up)."""
+def bench_training(cases, cfg, kernels, steps=3, unaligned: bool = False) -> list[dict]:
+    """Full training step (forward, loss, backward, fused AdamW) per case and mode (`training_modes`): median step
+    time, tokens/s, peak memory (since a reset after warm-up), host syncs of one step (CUDA sync debug mode, after
+    warm-up)."""
     model = smollm2_model().train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=RUN["device"] == "cuda")
-    modes = training_modes(kernels)
+    modes = training_modes(kernels, unaligned)
     rows = []
     for n, batch in cases:
         ids = torch.randint(0, model.config.vocab_size, (batch, n), device=RUN["device"])
         row = {"n": n, "batch": batch, "kernel": kernels[0]}
-        for mode, backend in modes.items():
+        for mode, (backend, env) in modes.items():
             if backend is None:
                 disable_lrsa(model)
             else:
@@ -521,7 +538,7 @@ def bench_training(cases, cfg, kernels, steps=3) -> list[dict]:
                 return loss
 
             try:
-                with kernel_env(backend if backend not in (None, "reference") else None):
+                with kernel_env(backend if backend not in (None, "reference") else None), environment(env):
                     for _ in range(2):
                         loss = step()
                     syncs = count_host_syncs(step)
@@ -542,7 +559,7 @@ def bench_training(cases, cfg, kernels, steps=3) -> list[dict]:
         disable_lrsa(model)
         dense = row["dense_sdpa"]
         for mode in list(modes)[1:]:
-            suffix = "" if mode in ("fast_lrsa", "lrsa_reference") else "_" + mode.removeprefix("fast_lrsa_")
+            suffix = "" if mode in ("fast_lrsa", "lrsa_reference") else "_" + mode.split("_", 2)[-1]
             if "error" not in dense and "error" not in row[mode]:
                 row["speedup" + suffix] = dense["step_s"] / row[mode]["step_s"]
                 if dense["peak_memory_gib"]:
@@ -611,6 +628,8 @@ def main(argv=None) -> int:
     ap.add_argument("--train-cases", default=None, help="NxBATCH of the training-step cases "
                                                         "(default 8192x4,16384x2,32768x1; --smoke: 512x1)")
     ap.add_argument("--variant-lens", default=None, help="N of the variants section (default 8192)")
+    ap.add_argument("--train-unaligned", action="store_true",
+                    help="training section: also the default kernel without query alignment (LRSA_VIZ_ALIGN_QUERIES=0)")
     ap.add_argument("--check-n", type=int, default=None, help="N of the correctness checks (default 4096)")
     ap.add_argument("--prompt-len", type=int, default=16384)
     ap.add_argument("--inference-cases", default="16384x1,16384x16,16384x64,32768x1,32768x16",
@@ -677,7 +696,7 @@ def main(argv=None) -> int:
         "profile_training": lambda: profile_training(8192, 4, first, kernels[0]),
         "profile_decode": lambda: profile_decode(args.prompt_len, 16, LagConfig(16, 128, ratios[0])),
         "training": lambda: bench_training([tuple(int(x) for x in c.split("x")) for c in args.train_cases.split(",")],
-                                           first, kernels),
+                                           first, kernels, unaligned=args.train_unaligned),
         "inference": lambda: bench_inference(args.inference_cases, LagConfig(16, 128, ratios[0]), args.new_tokens,
                                              result),
     }

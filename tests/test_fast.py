@@ -9,6 +9,7 @@ no host synchronisation, a model training step; the benchmark script checks them
 """
 import copy
 import itertools
+import os
 import shutil
 
 import pytest
@@ -715,6 +716,23 @@ def test_benchmark_smoke_run(tmp_path, monkeypatch):
     result = json.loads(out.read_text())
     assert result["fast_options"]["align_queries"] is False and result["attention"][0]["lrsa"]["0.25"]["align_queries"] is False
     monkeypatch.delenv("LRSA_VIZ_ALIGN_QUERIES")
+
+    # --train-unaligned: one more training mode, the default LRSA path with LRSA_VIZ_ALIGN_QUERIES=0 for its duration
+    seen, before = [], os.environ.get("LRSA_VIZ_ALIGN_QUERIES")
+    real_environment = bench.environment
+
+    def recording_environment(values):
+        seen.append(dict(values))
+        return real_environment(values)
+
+    monkeypatch.setattr(bench, "environment", recording_environment)
+    assert bench.main(["--smoke", "--out", str(out), "--sections", "training", "--train-unaligned"]) == 0
+    (train,) = json.loads(out.read_text())["training"]
+    assert train["lrsa_reference_unaligned"]["tokens_per_s"] > 0 and train["speedup_unaligned"] > 0
+    assert {"LRSA_VIZ_ALIGN_QUERIES": "0"} in seen and os.environ.get("LRSA_VIZ_ALIGN_QUERIES") == before
+    with real_environment({"LRSA_VIZ_ALIGN_QUERIES": "0", "LRSA_VIZ_FLEX_BACKEND": None}):
+        assert not fast_options().align_queries
+    assert os.environ.get("LRSA_VIZ_ALIGN_QUERIES") == before
 
     # a section that breaks (or is killed) after its first length keeps that length's row on disk
     real_timing = bench.lrsa_timing
