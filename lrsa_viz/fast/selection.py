@@ -29,7 +29,6 @@ def compact_positions(keys: torch.Tensor, values: torch.Tensor, config: LagConfi
     return torch.cat([sink, selected_positions(scores, config)], dim=-1)
 
 
-
 def one_shot_kept_index(compact: torch.Tensor, seq_len: int | torch.Tensor, config: LagConfig,
                         width: int) -> torch.Tensor:
     """What a one-shot LagKV cache keeps of ``seq_len`` = N tokens (METHOD eq. 12), in its slot order: the sink and
