@@ -541,6 +541,30 @@ def test_cuda_fast_path_makes_no_host_sync(kernel):
 
 @cuda
 @pytest.mark.parametrize("kernel", KERNELS)
+def test_cuda_return_kept_in_the_region_without_host_sync(kernel):
+    """The prefill form (no grad, ``return_kept``, the default fused region): the kept positions are exactly eq. 12
+    of LagKV's selection (`lagkv_keep_indices`, the eager scoring module on the same bf16 K/V) for N = 1100 and 1150
+    (one block count: the length enters the region as a device scalar), the output that of the call without it
+    (another graph of the same region: rounding only), and after warm-up no host sync."""
+    needs_kernel(kernel)
+    cfg = LagConfig(16, 128, 0.25)
+    with torch.no_grad():
+        for n in (1100, 1150):
+            q, k, v = random_qkv(n, b=2, hq=9, hkv=3, d=64, seed=n, dtype=torch.bfloat16, device="cuda")
+            out, kept = fast_lrsa_attention(q, k, v, cfg, kernel=kernel, return_kept=True)
+            assert torch.equal(kept, lagkv_keep_indices(k, v, cfg)), n
+            assert rel(out, fast_lrsa_attention(q, k, v, cfg, kernel=kernel)) < 1e-3, n
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            fast_lrsa_attention(q, k, v, cfg, kernel=kernel, return_kept=True)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize()
+
+
+@cuda
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("head_dim", [16, 64, 128])
 def test_cuda_model_training_step_matches_reference(tiny, kernel, head_dim, monkeypatch):
     """One bf16 training step (loss + backward) of the tiny model: fast path vs reference path, same selections.
