@@ -117,11 +117,16 @@ def measured_bandwidth(device: torch.device) -> float:
     return 2 * 2 ** 31 / statistics.median(times)
 
 
+#: The profiler event torch.compile records each time a compiled function is entered ("Torch-Compiled Region: i/j").
+COMPILED_REGION_EVENT = "Torch-Compiled Region"
+
+
 def profile_steps(fn, steps: int, device: torch.device, top: int = 12) -> dict:
     """torch.profiler over ``steps`` calls of ``fn``: host syncs per call (aten::_local_scalar_dense and CUDA
     synchronize calls, minus those of an empty profiled region) and, on CUDA, where the GPU time goes: device
     milliseconds per call in total and for the ``top`` kernels (kernels replayed from CUDA graphs included), and
-    the CUDA-graph launches per call (0 means the step did not replay a graph); on the host, the ``top`` operators
+    the CUDA-graph launches per call (0 means the step did not replay a graph); the torch.compile regions entered
+    per call (a static LRSA prefill: one per layer; a compiled decode step: one); on the host, the ``top`` operators
     by self CPU time and the operator calls per call (a host-bound call shows many calls and CPU milliseconds
     close to its wall time; the profiler's own overhead is included)."""
     from torch.autograd import DeviceType
@@ -145,6 +150,7 @@ def profile_steps(fn, steps: int, device: torch.device, top: int = 12) -> dict:
                   key=lambda e: -e.self_cpu_time_total)
     return {"host_syncs_per_step": syncs / steps,
             "graph_launches_per_step": sum(e.count for e in events if e.key == "cudaGraphLaunch") / steps,
+            "compiled_calls_per_step": sum(e.count for e in events if e.key.startswith(COMPILED_REGION_EVENT)) / steps,
             "device_ms_per_step": sum(e.self_device_time_total for e in kernels) / 1e3 / steps,
             "top_kernels": [{"name": e.key[:160], "ms_per_step": e.self_device_time_total / 1e3 / steps,
                              "calls_per_step": e.count / steps} for e in kernels[:top]],

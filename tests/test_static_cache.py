@@ -416,7 +416,8 @@ def test_too_many_tokens_and_too_large_chunks_are_reported(model):
 # ------------------------------------------------------------------------------------------------ benchmark
 def test_benchmark_profile_counts_host_reads():
     """bench_inference's profiler count of host syncs per step (its JSON's ``host_syncs_per_step``) sees each read
-    of a tensor's value by the host, also on a CPU, and nothing in a step that reads none."""
+    of a tensor's value by the host, also on a CPU, and nothing in a step that reads none; its count of compiled
+    regions entered per step (``compiled_calls_per_step``) sees each call of a torch.compile'd function."""
     bench_inference = import_script("benchmarks", "bench_inference")
     x = torch.arange(6.0)
     cpu = torch.device("cpu")
@@ -425,6 +426,10 @@ def test_benchmark_profile_counts_host_reads():
     assert reads["host_syncs_per_step"] == 2
     assert {op["name"] for op in reads["top_host_ops"]} >= {"aten::sum", "aten::max"}  # host operators, per step
     assert reads["host_ops_per_step"] >= 4 and reads["host_ms_per_step"] > 0
+    twice = torch.compile(lambda t: t * 2 + 1, backend="eager")  # entered twice per step: a compiled region each
+    twice(x)
+    assert bench_inference.profile_steps(lambda: [twice(x), twice(x)], 3, cpu)["compiled_calls_per_step"] == 2
+    assert reads["compiled_calls_per_step"] == 0
 
 
 def test_inference_benchmark_smoke(tmp_path):
@@ -446,7 +451,9 @@ def test_inference_benchmark_smoke(tmp_path):
         assert 0 < row["kv_bytes_ratio"] < 1
         lagkv = row["lagkv_cache_fast_lrsa"]  # the profile and the CUDA-graph skips are recorded (kernels: CUDA only)
         assert set(lagkv["profile"]) == {"host_syncs_per_step", "graph_launches_per_step", "device_ms_per_step",
-                                         "top_kernels", "host_ops_per_step", "host_ms_per_step", "top_host_ops"}
+                                         "top_kernels", "host_ops_per_step", "host_ms_per_step", "top_host_ops",
+                                         "compiled_calls_per_step"}
+        assert lagkv["profile"]["compiled_calls_per_step"] == int(result["inference"]["decode"]["compiled"])
         assert lagkv["profile"]["host_ops_per_step"] > 0 and lagkv["profile"]["top_host_ops"][0]["ms_per_step"] > 0
         assert lagkv["profile"]["host_syncs_per_step"] == 0 and isinstance(lagkv["cudagraph_skips"], int)
         assert set(lagkv["prefill_profile"]) == set(lagkv["profile"])
