@@ -83,15 +83,21 @@ def static_lagkv_mask_interface(*args, **kwargs):
     return slot_mask(kwargs.get("q_offset", 0), q_len, kv_len, kwargs.get("device", "cpu"))
 
 
+def _finish_prompt_fill(key: torch.Tensor) -> None:
+    """A `StaticLagKVCache`'s prompt that the attention did not store (reference backend, forced selections, dense
+    prefill): the cache stores its own selection now, within the layer (`lrsa_viz.static_cache.PromptFill`)."""
+    fill = prompt_fill_of(key)
+    if fill is not None:
+        fill.finish()
+
+
 def static_lagkv_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
                            scaling: float | None = None, **kwargs):
     """query [B, H_q, Q, d]; key/value: the prompt's own [B, H_kv, Q, d] (LRSA) or the cache buffer [B, H_kv, M, d]."""
     if query.shape[2] == key.shape[2]:
         out = lrsa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                      **kwargs)
-        fill = prompt_fill_of(key)
-        if fill is not None:  # not stored by the attention (reference backend, forced selections): the cache selects
-            fill.finish()
+        _finish_prompt_fill(key)
         return out
     return _buffer_forward(module, query, key, value, attention_mask, scaling)
 
@@ -106,8 +112,10 @@ def static_dense_mask_interface(*args, **kwargs):
 def static_dense_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
                            scaling: float | None = None, **kwargs):
     if query.shape[2] > 1:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                     **kwargs)
+        _finish_prompt_fill(key)  # with a StaticLagKVCache: one-shot compression of the dense prompt
+        return out
     return _buffer_forward(module, query, key, value, attention_mask, scaling)
 
 

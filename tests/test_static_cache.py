@@ -220,6 +220,33 @@ def test_flex_prefill_selects_once_and_the_cache_stores_it(model, monkeypatch):
     torch.testing.assert_close(again, logits, rtol=0, atol=1e-6)  # same positions, same kernels, same process
 
 
+def test_dense_prefill_into_the_static_cache_stores_one_shot_lagkv_within_each_layer(model, monkeypatch):
+    """``prefill="dense"`` with a `StaticLagKVCache` (kvpress-style one-shot compression of a dense prompt): the
+    dense attention stores nothing, so each layer's prompt is stored with the cache's own selection before the layer
+    returns (no fill waits for a later update), and the cache keeps exactly `one_shot_keep` of every layer's K/V."""
+    import lrsa_viz.static_cache as static_cache
+    from lrsa_viz.static_cache import one_shot_keep
+
+    cfg = LagConfig(4, 16, 0.25)
+    ids = torch.randint(0, 256, (2, 90), generator=torch.Generator().manual_seed(4))
+    layers = model.config.num_hidden_layers
+    pending_at_update, states = [], {}
+    real_update = StaticLagKVCache.update
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        pending_at_update.append(len(self._unfilled))
+        states[layer_idx] = (key_states, value_states)
+        return real_update(self, key_states, value_states, layer_idx, *args, **kwargs)
+
+    monkeypatch.setattr(StaticLagKVCache, "update", update)
+    cache = StaticLagKVCache(model.config, 91, cfg)
+    with static_lagkv(model, cfg, prefill="dense"), torch.no_grad():
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+    assert pending_at_update == [0] * layers and not cache._unfilled
+    for layer, (k, v) in states.items():
+        assert torch.equal(cache.kept_positions(layer), one_shot_keep(k, v, cfg))
+
+
 def test_smollm2_static_generate_equals_the_teaching_path(smollm2):
     """SmolLM2-135M on a real text: the same greedy tokens and kept positions as chunked prefill + LagKVCache.
 
