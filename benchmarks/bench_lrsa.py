@@ -470,19 +470,19 @@ def smollm2_model():
 
 
 def training_modes(kernels, unaligned: bool = False) -> dict:
-    """mode name -> (LRSA backend/kernel, environment): dense SDPA, then fast LRSA with each kernel ("fast_lrsa" =
-    the default kernel, "fast_lrsa_<kernel>" the others), and with ``unaligned`` the default kernel without query
-    alignment ("fast_lrsa_unaligned", LRSA_VIZ_ALIGN_QUERIES=0: no padding rows, so for N a multiple of the block the
-    attention's output is the output projection's input with no copy, at the price of more tiles). --smoke (CPU, no
-    FlexAttention backward): the reference backend."""
+    """mode name -> (LRSA backend: None for dense, "reference" or "flex"; the environment it runs in): dense SDPA,
+    then fast LRSA with each kernel ("fast_lrsa" = the default kernel, "fast_lrsa_<kernel>" the others), and with
+    ``unaligned`` the default kernel without query alignment ("fast_lrsa_unaligned", LRSA_VIZ_ALIGN_QUERIES=0: no
+    padding rows, so for N a multiple of the block the attention's output is the output projection's input with no
+    copy, at the price of more tiles). --smoke (CPU, no FlexAttention backward): the reference backend."""
     if RUN["device"] != "cuda":
         modes = {"dense_sdpa": (None, {}), "lrsa_reference": ("reference", {})}
     else:
         modes = {"dense_sdpa": (None, {}),
-                 **{"fast_lrsa" if i == 0 else f"fast_lrsa_{k}": (k, {}) for i, k in enumerate(kernels)}}
+                 **{"fast_lrsa" if i == 0 else f"fast_lrsa_{k}": ("flex", {KERNEL_ENV: k}) for i, k in enumerate(kernels)}}
     if unaligned:
-        modes["fast_lrsa_unaligned" if RUN["device"] == "cuda" else "lrsa_reference_unaligned"] = (
-            modes[list(modes)[1]][0], {ALIGN_ENV: "0"})
+        name, (backend, env) = list(modes.items())[1]  # the default LRSA mode
+        modes[name + "_unaligned" if name == "lrsa_reference" else "fast_lrsa_unaligned"] = (backend, {**env, ALIGN_ENV: "0"})
     return modes
 
 
@@ -522,7 +522,7 @@ def bench_training(cases, cfg, kernels, steps=3, unaligned: bool = False) -> lis
             if backend is None:
                 disable_lrsa(model)
             else:
-                enable_lrsa(model, cfg, backend="reference" if backend == "reference" else "flex")
+                enable_lrsa(model, cfg, backend=backend)
 
             def forward():
                 return model(input_ids=ids, labels=ids, use_cache=False).loss
@@ -538,7 +538,7 @@ def bench_training(cases, cfg, kernels, steps=3, unaligned: bool = False) -> lis
                 return loss
 
             try:
-                with kernel_env(backend if backend not in (None, "reference") else None), environment(env):
+                with environment(env):
                     for _ in range(2):
                         loss = step()
                     syncs = count_host_syncs(step)

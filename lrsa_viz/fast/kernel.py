@@ -431,7 +431,7 @@ def fast_lrsa_attention(
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*flex_attention.*")  # "called without torch.compile"
                 result = _attend(*args)
-    if not return_kept:
-        return result[:, :, :n] if fused else result
-    out, kept = result
-    return (out[:, :, :n] if fused else out), kept[..., :config.retained_length(n)]
+    out, kept = result if return_kept else (result, None)
+    if fused:  # the region ran on whole blocks
+        out = out[:, :, :n]
+    return (out, kept[..., :config.retained_length(n)]) if return_kept else out
